@@ -1,0 +1,138 @@
+"""StudioNOVA entry point: `python app.py --help`.
+
+main() parses flags (each also settable as STUDIONOVA_<NAME>), builds Settings, the database,
+the job runner and the UI, then launches. Nothing happens at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from dataclasses import MISSING
+from pathlib import Path
+
+from engine.errors import StudioError
+from engine.settings import SETTING_FIELDS, Settings, env_name
+
+log = logging.getLogger("studionova")
+
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="StudioNOVA: local-first AI character and content studio (web UI + API).",
+        epilog="Every flag can also be set through the environment variable shown in brackets. "
+        "On a Hugging Face Space (SPACE_ID set) the app binds 0.0.0.0:7860 and keeps data in /data.",
+    )
+    for f in SETTING_FIELDS:
+        flag = "--" + f.name.replace("_", "-")
+        env = env_name(f.name)
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = f"{f.metadata.get('help', '')} [{env}]"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            parser.add_argument(flag, default=None, help=f"{help_text} (default: {default})",
+                                type=int if f.type in ("int", int) else str)  # fmt: skip
+    return parser
+
+
+def settings_from_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    """Flags win over environment variables, which win over defaults."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    values = {}
+    for f in SETTING_FIELDS:
+        value = args.get(f.name)
+        if value is None and env_name(f.name) in environ:
+            raw = environ[env_name(f.name)]
+            value = raw.lower() in _TRUE if f.type in ("bool", bool) else raw
+            if f.type in ("int", int):
+                value = int(raw)
+        if value is not None:
+            values[f.name] = value
+    if environ.get("SPACE_ID"):
+        # The platform routes to 0.0.0.0 on its port; the Space's visibility guards access.
+        values.setdefault("host", "0.0.0.0")
+        values.setdefault("port", int(environ.get("PORT", environ.get("GRADIO_SERVER_PORT", 7860))))
+    return Settings(**values)
+
+
+def build_app(studio, settings: Settings):
+    """The Gradio Blocks app: one tab per ui/ module, a queue with explicit limits."""
+    import gradio as gr
+
+    from ui import generate_tab, jobs_tab
+    from ui.common import UIContext
+
+    with gr.Blocks(title="StudioNOVA", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
+        gr.Markdown(f"## StudioNOVA · device `{studio.device}` · {studio.dtype}" +
+                    (" · **demo model: random weights, images are noise**" if settings.demo else ""))  # fmt: skip
+        ctx = UIContext(
+            studio=studio, settings=settings, job_tokens=gr.BrowserState({}, storage_key="studionova_jobs")
+        )
+        with gr.Tabs():
+            with gr.Tab("Generate", id="generate"):
+                generate_tab.build(ctx)
+            with gr.Tab("Jobs", id="jobs"):
+                jobs_tab.build(ctx)
+    demo.queue(api_open=False, max_size=settings.max_queue, default_concurrency_limit=4)
+    return demo
+
+
+def launch_kwargs(settings: Settings) -> dict:
+    blocked = [str(settings.models_dir), str(settings.cache_dir)]
+    if settings.resolved_database_url.startswith("sqlite:///"):
+        db_path = Path(settings.resolved_database_url.removeprefix("sqlite:///"))
+        blocked += [str(db_path), str(db_path) + "-wal", str(db_path) + "-shm"]
+    return {
+        "server_name": settings.host,
+        "server_port": settings.port,
+        "auth": settings.auth_pairs() or None,
+        "max_file_size": f"{settings.max_upload_mb}mb",
+        "allowed_paths": [str(settings.outputs_dir)],
+        "blocked_paths": blocked,
+        "show_error": True,
+        "footer_links": ["api", "settings"],
+        "ssr_mode": False,
+        "mcp_server": False,
+    }
+
+
+def prepare_environment(settings: Settings) -> None:
+    """Before gradio is imported: no telemetry, uploads under our data dir."""
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+    os.environ["GRADIO_TEMP_DIR"] = str(settings.gradio_tmp_dir)
+    if settings.demo:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = settings_from_args(argv)
+        settings.check_exposure()
+    except StudioError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    prepare_environment(settings)
+    from engine.studio import Studio
+
+    studio = Studio.start(settings)
+    demo = build_app(studio, settings)
+    log.info("StudioNOVA on http://%s:%s (device %s, data %s)", settings.host, settings.port, studio.device,
+             settings.data_dir)  # fmt: skip
+    try:
+        demo.launch(**launch_kwargs(settings))
+    finally:
+        studio.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Model folders (ComfyUI layout, A1111 names accepted) and the one path resolver per root.
+
+No torch or diffusers here: the UI lists models through this module.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.artifacts import TMP_PREFIX
+from engine.errors import InputError, NotFoundError
+
+# kind -> (folder names tried in order: ComfyUI first, then A1111's), accepted file suffixes
+MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "checkpoints": (("checkpoints", "Stable-diffusion"), (".safetensors", ".ckpt", ".pt")),
+    "diffusers": (("diffusers",), ()),  # folders with model_index.json
+    "loras": (("loras", "Lora", "LyCORIS"), (".safetensors",)),
+    "vae": (("vae", "VAE"), (".safetensors", ".pt", ".ckpt")),
+    "upscale_models": (("upscale_models", "ESRGAN", "RealESRGAN"), (".pth", ".safetensors")),
+    "embeddings": (("embeddings",), (".safetensors", ".pt", ".bin")),
+    "controlnet": (("controlnet", "ControlNet"), (".safetensors", ".pth")),
+}
+KIND_LABELS = {"diffusers": "model", "checkpoints": "checkpoint", "loras": "lora", "vae": "VAE",
+               "upscale_models": "upscale model", "embeddings": "embedding", "controlnet": "ControlNet"}  # fmt: skip
+
+
+def within(root: Path, candidate: Path) -> bool:
+    root, candidate = Path(os.path.realpath(root)), Path(os.path.realpath(candidate))
+    return os.path.commonpath([root, candidate]) == str(root)
+
+
+def resolve_under(root: Path, relative: str, what: str) -> Path:
+    """`root / relative`, refusing absolute paths, `..` and symlinks that leave `root`."""
+    if not relative or relative.startswith(("/", "\\")) or "\0" in relative or Path(relative).is_absolute():
+        raise InputError(f"{what} {relative!r} must be a name inside {root.name}/, not a path")
+    candidate = Path(root) / relative
+    if not within(root, candidate):
+        raise InputError(f"{what} {relative!r} escapes {root.name}/; give a name inside it")
+    return candidate
+
+
+@dataclass(frozen=True)
+class ModelRoots:
+    models_dir: Path
+
+    def folders(self, kind: str) -> list[Path]:
+        names, _ = MODEL_FOLDERS[kind]
+        return [self.models_dir / n for n in names if (self.models_dir / n).is_dir()]
+
+    def create_layout(self) -> None:
+        for kind, (names, _) in MODEL_FOLDERS.items():
+            if not self.folders(kind):
+                (self.models_dir / names[0]).mkdir(parents=True, exist_ok=True)
+
+    def list_files(self, kind: str) -> dict[str, Path]:
+        """name (relative to its folder, without suffix for LoRAs) -> path; temp files never listed."""
+        _, suffixes = MODEL_FOLDERS[kind]
+        found: dict[str, Path] = {}
+        for folder in self.folders(kind):
+            for p in sorted(folder.rglob("*")):
+                if p.name.startswith(TMP_PREFIX) or not p.is_file() or p.suffix.lower() not in suffixes:
+                    continue
+                if any(part.startswith(TMP_PREFIX) for part in p.relative_to(folder).parts):
+                    continue
+                name = p.relative_to(folder).with_suffix("").as_posix()
+                found.setdefault(name, p)
+        return found
+
+    def list_diffusers_folders(self) -> dict[str, Path]:
+        found: dict[str, Path] = {}
+        for kind in ("diffusers", "checkpoints"):
+            for folder in self.folders(kind):
+                for index in sorted(folder.glob("*/model_index.json")):
+                    if not index.parent.name.startswith(TMP_PREFIX):
+                        found.setdefault(index.parent.name, index.parent)
+        return found
+
+    def resolve(self, kind: str, name: str, available: dict[str, Path]) -> Path:
+        if name in available:
+            path = available[name]
+            if not any(within(folder, path) for folder in self.folders(kind) + self.folders("checkpoints")):
+                raise InputError(f"{kind} {name!r} resolves outside {self.models_dir}")
+            return path
+        listing = (
+            ", ".join(sorted(available))
+            or f"none: put files in {self.models_dir / MODEL_FOLDERS[kind][0][0]}"
+        )
+        raise NotFoundError(f"{KIND_LABELS.get(kind, kind)} {name!r} not found; available: {listing}")

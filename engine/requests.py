@@ -1,0 +1,166 @@
+"""Typed, JSON-serialisable requests and results at the engine boundary.
+
+Defaults, ranges and help text live here once; the UI reads them (see `field_spec`).
+Construction validates: a bad value raises `InputError` naming the field, the value and what
+is allowed.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.errors import InputError
+from engine.samplers import SAMPLER_NAMES
+
+MAX_SEED = 2**32 - 1
+LORA_SPEC = re.compile(r"^\s*(?P<name>[^:<>]+?)\s*(?::\s*(?P<weight>-?\d+(?:\.\d+)?)\s*)?$")
+
+
+class LoraSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str = Field(min_length=1, max_length=200)
+    weight: float = Field(default=1.0, ge=-4.0, le=4.0)
+
+
+def parse_loras(text: str | list | None) -> list[LoraSpec]:
+    """`"style:0.8, mychar"` (or a list of {"name","weight"} / "name:w" strings) -> LoraSpecs."""
+    if not text:
+        return []
+    items = text if isinstance(text, list) else [p for p in re.split(r"[,\n]", text) if p.strip()]
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            out.append(LoraSpec(**item))
+            continue
+        m = LORA_SPEC.match(str(item))
+        if not m:
+            raise InputError(
+                f"loras entry {item!r} is not 'name' or 'name:weight' (for example 'mystyle:0.8')"
+            )
+        weight = float(m["weight"]) if m["weight"] is not None else 1.0
+        try:
+            out.append(LoraSpec(name=m["name"], weight=weight))
+        except ValidationError as e:
+            raise InputError(f"loras entry {item!r}: weight must be between -4 and 4") from e
+    return out
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @classmethod
+    def build(cls, **values: Any):
+        """Construct, turning pydantic's errors into one InputError that names field and value."""
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            raise InputError(_describe(cls, e)) from None
+
+
+def _describe(cls: type[BaseModel], err: ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"]) or cls.__name__
+        value = item.get("input")
+        msg = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}={value!r}: {msg}" if item["loc"] else msg)
+    return "; ".join(parts)
+
+
+class GenerateRequest(_Request):
+    """txt2img, or img2img when `init_image` is set."""
+
+    prompt: str = Field(default="", max_length=20000, description="What to draw")
+    negative_prompt: str = Field(default="", max_length=20000, description="What to avoid")
+    model: str = Field(
+        default="", max_length=200, description="Model name from the model list; empty = default"
+    )
+    seed: int = Field(
+        default=-1, ge=-1, le=MAX_SEED, description="-1 picks a random seed (the real seed is recorded)"
+    )
+    steps: int = Field(default=20, ge=1, le=150, description="Sampling steps")
+    cfg_scale: float = Field(default=7.0, ge=1.0, le=30.0, description="Classifier-free guidance scale")
+    sampler: str = Field(default="Euler a", description="Sampler (A1111 names)")
+    width: int = Field(
+        default=512, ge=64, le=2048, multiple_of=8, description="Width in pixels (multiple of 8)"
+    )
+    height: int = Field(
+        default=512, ge=64, le=2048, multiple_of=8, description="Height in pixels (multiple of 8)"
+    )
+    batch_size: int = Field(default=1, ge=1, le=8, description="Images per batch (sampled together)")
+    batch_count: int = Field(default=1, ge=1, le=16, description="Batches run one after another")
+    clip_skip: int = Field(
+        default=1, ge=1, le=12, description="A1111 numbering: 1 = last CLIP layer, 2 = skip one"
+    )
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=16, description="LoRAs with weights")
+    init_image: str | None = Field(
+        default=None, description="img2img source image path (server-side, uploaded)"
+    )
+    denoising_strength: float = Field(
+        default=0.75, ge=0.0, le=1.0, description="img2img: how much to change the source"
+    )
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_sampler(cls, v: str) -> str:
+        if v not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler; allowed: {', '.join(SAMPLER_NAMES)}")
+        return v
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _parse_loras(cls, v: Any) -> Any:
+        return parse_loras(v) if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _pixel_budget(self) -> GenerateRequest:
+        pixels = self.width * self.height * self.batch_size
+        if pixels > 2048 * 2048 * 2:
+            raise ValueError(
+                f"width x height x batch_size = {self.width}x{self.height}x{self.batch_size} is too large; "
+                f"at most {2048 * 2048 * 2} pixels per batch"
+            )
+        return self
+
+    @property
+    def mode(self) -> str:
+        return "img2img" if self.init_image else "txt2img"
+
+    @property
+    def total_images(self) -> int:
+        return self.batch_size * self.batch_count
+
+
+class GeneratedImage(BaseModel):
+    path: str
+    seed: int
+    infotext: str
+    asset_id: str
+    generation_id: str
+
+
+class GenerateResult(BaseModel):
+    images: list[GeneratedImage]
+    seed: int
+    model: str
+    model_hash: str
+    lora_hashes: dict[str, str] = {}
+    device: str
+    timings: dict[str, float] = {}
+
+
+REQUEST_TYPES: dict[str, type[_Request]] = {"generate": GenerateRequest}
+
+
+def field_spec(cls: type[BaseModel], name: str) -> dict[str, Any]:
+    """Default, bounds and help of one request field, for building a UI control."""
+    f = cls.model_fields[name]
+    spec: dict[str, Any] = {"default": f.get_default(call_default_factory=True), "info": f.description or ""}
+    for meta in f.metadata:
+        for key in ("ge", "le", "multiple_of"):
+            if hasattr(meta, key):
+                spec[key] = getattr(meta, key)
+    return spec

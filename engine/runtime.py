@@ -1,0 +1,86 @@
+"""WorkerRuntime: what a device worker needs to run any job kind.
+
+A pipeline cache (the ModelManager), the step callback that turns diffusers steps into progress
+events with a cheap latent preview and honours cancel within one step, and out-of-memory
+handling (free, report what to lower, stay alive).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.device import DevicePlan, free_memory, is_out_of_memory
+from engine.errors import JobCancelledError, OutOfMemoryError
+from engine.hashing import HashCache
+from engine.pipelines import ModelManager
+from engine.store import Database
+
+# A1111's "Approx cheap" latent -> RGB factors for SD 1.x/2.x latents.
+SD1_LATENT_RGB = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+PREVIEW_INTERVAL_S = 0.25
+
+
+def latent_preview(latents):
+    """First image of a latent batch as a small PIL image, without touching the VAE."""
+    import torch
+    from PIL import Image
+
+    factors = torch.tensor(SD1_LATENT_RGB, dtype=torch.float32)
+    lat = latents[0].detach().float().cpu()[:4]
+    rgb = torch.einsum("chw,cr->hwr", lat, factors)
+    rgb = ((rgb + 1.0) * 127.5).clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(rgb)
+
+
+@dataclass
+class WorkerRuntime:
+    plan: DevicePlan
+    models: ModelManager
+    db: Database
+    outputs_dir: Path
+    version: str
+
+    @classmethod
+    def create(cls, plan: DevicePlan, models_dir: Path, db: Database, outputs_dir: Path, version: str):
+        return cls(plan, ModelManager(models_dir, plan, HashCache(db)), db, outputs_dir, version)
+
+    def step_callback(self, emit: Callable[[dict], None], is_cancelled: Callable[[], bool], step_offset: int,
+                      total: int, started: float, previews: bool = True):  # fmt: skip
+        """A diffusers `callback_on_step_end` that reports progress and stops on cancel."""
+        last_preview = [0.0]
+
+        def callback(pipe, step: int, timestep, kwargs: dict):
+            if is_cancelled():
+                raise JobCancelledError("cancelled")
+            done = step_offset + step + 1
+            elapsed = time.monotonic() - started
+            eta = elapsed / done * (total - done) if done else None
+            event = {"step": done, "total": total, "eta": round(eta, 2) if eta is not None else None,
+                     "desc": f"step {done}/{total}"}  # fmt: skip
+            now = time.monotonic()
+            if (
+                previews
+                and "latents" in kwargs
+                and (now - last_preview[0] >= PREVIEW_INTERVAL_S or done == total)
+            ):
+                last_preview[0] = now
+                event["preview"] = latent_preview(kwargs["latents"])
+            emit(event)
+            return {}
+
+        return callback
+
+    def out_of_memory(self, exc: BaseException, advice: str) -> OutOfMemoryError:
+        """Free what we can and turn the exception into one that says what to lower."""
+        free_memory(self.plan.device)
+        return OutOfMemoryError(f"out of memory on {self.plan.device} ({self.plan.dtype}): {advice}")
+
+    is_out_of_memory = staticmethod(is_out_of_memory)

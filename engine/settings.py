@@ -1,0 +1,139 @@
+"""Run-time settings: one dataclass, one place for every flag, its env variable and default.
+
+`app.py` builds the argparse parser from `SETTING_FIELDS`, so a flag, its environment variable
+and its help text are written once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from engine.errors import InputError
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
+DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
+
+
+def _default_data_dir() -> Path:
+    # On a Hugging Face Space with persistent storage, /data survives restarts.
+    if os.environ.get("SPACE_ID") and Path("/data").is_dir():
+        return Path("/data/studionova")
+    return Path("data")
+
+
+@dataclass
+class Settings:
+    host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "interface to bind; anything but loopback needs --auth or --insecure"},
+    )
+    port: int = field(default=7860, metadata={"help": "TCP port of the web UI and API"})
+    data_dir: Path = field(
+        default_factory=_default_data_dir, metadata={"help": "database, outputs and caches live here"}
+    )
+    models_dir: Path = field(
+        default=Path("models"),
+        metadata={"help": "weights folder in ComfyUI layout (an A1111 models folder works too)"},
+    )
+    database_url: str = field(
+        default="",
+        metadata={
+            "help": "SQLAlchemy URL; default sqlite:///<data-dir>/studio.db; postgresql+psycopg://... works"
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cuda, cuda:N, mps or cpu"})
+    dtype: str = field(
+        default="auto", metadata={"help": "auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16 or float32"}
+    )
+    auth: str = field(
+        default="", metadata={"help": "user:password[,user2:password2] required to open the UI and API"}
+    )
+    max_upload_mb: int = field(
+        default=50, metadata={"help": "largest accepted upload in MB (bigger ones get HTTP 413)"}
+    )
+    insecure: bool = field(
+        default=False, metadata={"help": "allow binding a non-loopback interface without --auth"}
+    )
+    demo: bool = field(
+        default=False, metadata={"help": "use the built-in demo model (tiny, random weights, fully offline)"}
+    )
+    jobs_per_device: int = field(
+        default=1, metadata={"help": "jobs a device worker runs at once (diffusion jobs never share a GPU)"}
+    )
+    max_queue: int = field(
+        default=64, metadata={"help": "requests Gradio accepts waiting before answering 'queue is full'"}
+    )
+    cpu_offload: bool = field(
+        default=False, metadata={"help": "enable model CPU offload on CUDA (saves VRAM, slower)"}
+    )
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).expanduser().resolve()
+        self.models_dir = Path(self.models_dir).expanduser().resolve()
+        if not 1 <= int(self.port) <= 65535:
+            raise InputError(f"port={self.port!r} is not a TCP port; allowed: 1-65535")
+        if self.device not in DEVICE_CHOICES and not self.device.startswith("cuda:"):
+            raise InputError(
+                f"device={self.device!r} is unknown; allowed: {', '.join(DEVICE_CHOICES)} or cuda:N"
+            )
+        if self.dtype not in DTYPE_CHOICES:
+            raise InputError(f"dtype={self.dtype!r} is unknown; allowed: {', '.join(DTYPE_CHOICES)}")
+        if self.max_upload_mb < 1:
+            raise InputError(f"max_upload_mb={self.max_upload_mb!r} must be at least 1")
+        if self.jobs_per_device < 1:
+            raise InputError(f"jobs_per_device={self.jobs_per_device!r} must be at least 1")
+        if self.auth:
+            self.auth_pairs()  # validate early
+
+    # --- derived paths: one helper per root -------------------------------------------
+    @property
+    def outputs_dir(self) -> Path:
+        return self.data_dir / "outputs"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.data_dir / "cache"
+
+    @property
+    def gradio_tmp_dir(self) -> Path:
+        return self.data_dir / "gradio-tmp"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'studio.db'}"
+
+    @property
+    def is_space(self) -> bool:
+        return bool(os.environ.get("SPACE_ID"))
+
+    def auth_pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for item in filter(None, (p.strip() for p in self.auth.split(","))):
+            user, sep, password = item.partition(":")
+            if not sep or not user or not password:
+                raise InputError(f"auth entry {user or item!r} must look like user:password")
+            pairs.append((user, password))
+        return pairs
+
+    def check_exposure(self) -> None:
+        """Refuse to serve a non-loopback interface without auth unless told it is insecure."""
+        if self.host in LOOPBACK_HOSTS or self.auth or self.insecure or self.is_space:
+            return
+        raise InputError(
+            f"host={self.host!r} exposes StudioNOVA beyond this machine without a password; "
+            "pass --auth user:password, or --insecure if the port is only reachable by you"
+        )
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.outputs_dir, self.cache_dir, self.gradio_tmp_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+SETTING_FIELDS = fields(Settings)
+
+
+def env_name(name: str) -> str:
+    return "STUDIONOVA_" + name.upper()

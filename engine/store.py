@@ -1,0 +1,153 @@
+"""The database: SQLModel tables and the one object that owns the engine and sessions.
+
+SQLite gets WAL, a busy timeout and BEGIN IMMEDIATE write transactions (SQLAlchemy's pysqlite
+recipe) so concurrent writers queue instead of failing with "database is locked". Those tricks are
+applied only for the sqlite dialect; the same code runs on PostgreSQL by URL.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, select
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Job(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    kind: str = Field(index=True, max_length=40)
+    status: str = Field(default="queued", index=True, max_length=16)
+    owner: str = Field(default="anonymous", index=True, max_length=120)
+    cancel_token_hash: str = Field(default="", max_length=64)
+    request: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    progress: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    result: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    error: str = Field(default="")
+    error_type: str = Field(default="", max_length=60)
+    device: str = Field(default="", max_length=20)
+    model_key: str = Field(default="", index=True, max_length=200)
+    attempt: int = 1
+    max_attempts: int = 3
+    retry_of: str | None = Field(default=None, max_length=32)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    run_seconds: float = 0.0
+    gpu_seconds: float = 0.0
+    cancel_requested: bool = False
+
+
+class Asset(SQLModel, table=True):
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    kind: str = Field(index=True, max_length=20)  # image, video, audio, model, ...
+    path: str = Field(unique=True)
+    sha256: str = Field(index=True, max_length=64)
+    size: int = 0
+    width: int | None = None
+    height: int | None = None
+    job_id: str | None = Field(default=None, index=True, max_length=32)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class Generation(SQLModel, table=True):
+    """The recipe of one image: everything needed to make it again."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    asset_id: str = Field(index=True, max_length=32)
+    job_id: str = Field(index=True, max_length=32)
+    mode: str = Field(max_length=16)  # txt2img / img2img
+    model: str = Field(max_length=200)
+    model_hash: str = Field(index=True, max_length=10)
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = Field(index=True)
+    steps: int
+    cfg_scale: float
+    sampler: str = Field(max_length=40)
+    width: int
+    height: int
+    denoising_strength: float | None = None
+    clip_skip: int = 1
+    loras: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    infotext: str = ""
+    recipe: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class FileHash(SQLModel, table=True):
+    """SHA-256 of a file, cached by path + size + mtime (hashing multi-GB weights is slow)."""
+
+    path: str = Field(primary_key=True)
+    size: int
+    mtime_ns: int
+    sha256: str = Field(max_length=64)
+
+
+def _sqlite_pragmas_and_immediate(engine: Engine) -> None:
+    # SQLAlchemy pysqlite recipe: let SQLAlchemy own BEGIN so writes take the lock up front.
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):  # noqa: ANN001
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA busy_timeout=30000")
+        cur.execute("PRAGMA synchronous=NORMAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):  # noqa: ANN001
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Database:
+    """Owns the SQLAlchemy engine; hands out short sessions."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"json_serializer": lambda v: json.dumps(v, default=str)}
+        if is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine = create_engine(url, **kwargs)
+        if is_sqlite:
+            _sqlite_pragmas_and_immediate(self.engine)
+        self.is_sqlite = is_sqlite
+
+    def create_all(self) -> None:
+        SQLModel.metadata.create_all(self.engine)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with Session(self.engine, expire_on_commit=False) as s:
+            yield s
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def jobs(self, limit: int = 200) -> list[Job]:
+        with self.session() as s:
+            return list(s.exec(select(Job).order_by(Job.created_at.desc()).limit(limit)))
+
+    def dispose(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.factories import AppProcess, save_diffusers_lora, save_kohya_lora, save_loha
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    """A models folder with the demo model and three LoRAs (kohya, diffusers, and a LoHa to refuse)."""
+    from engine.demo_model import ensure_demo_model
+    from engine.paths import ModelRoots
+
+    root = tmp_path_factory.mktemp("models")
+    ModelRoots(root).create_layout()
+    model_dir = ensure_demo_model(root)
+    save_kohya_lora(root / "loras" / "kohya_style.safetensors", model_dir, seed=1)
+    save_diffusers_lora(root / "loras" / "peft_style.safetensors", model_dir, seed=2)
+    save_loha(root / "loras" / "some_loha.safetensors")
+    return root
+
+
+@pytest.fixture(scope="session")
+def studio(models_dir, tmp_path_factory):
+    """One in-process studio (worker thread, SQLite in a temp dir) shared by the engine tests."""
+    from engine.settings import Settings
+    from engine.studio import Studio
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("data"), models_dir=models_dir, demo=True, device="cpu"
+    )
+    st = Studio.start(settings)
+    yield st
+    st.close()
+
+
+@pytest.fixture(scope="session")
+def app(models_dir, tmp_path_factory):
+    """The real app launched in a subprocess (shared by the API and browser tests)."""
+    proc = AppProcess(tmp_path_factory.mktemp("appdata"), models_dir, "--max-upload-mb", "1").start()
+    yield proc
+    proc.stop()
+
+
+def pytest_collection_modifyitems(config, items):
+    if not Path("/usr/bin/chromium").exists():
+        skip = pytest.mark.skip(reason="Debian chromium is not installed (.ci/run installs it)")
+        for item in items:
+            if "browser" in item.keywords and not os.environ.get("CI"):
+                item.add_marker(skip)

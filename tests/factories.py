@@ -1,0 +1,131 @@
+"""Tiny real things the tests build: LoRA files for the demo model, images, a launched app."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def make_lora_state(model_dir: Path, rank: int = 4, alpha: float = 4.0, seed: int = 0, scale: float = 1.0):
+    """PEFT LoRA weights (random A and B, so the LoRA visibly changes the output) for the demo model's
+    UNet attention and text-encoder attention; returns (unet_state, te_state) with PEFT key names."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model_state_dict
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    te = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
+    te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
+                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))  # fmt: skip
+    unet_state = {k: v * scale for k, v in get_peft_model_state_dict(unet).items()}
+    te_state = {k: v * scale for k, v in get_peft_model_state_dict(te).items()}
+    return unet_state, te_state
+
+
+def save_diffusers_lora(path: Path, model_dir: Path, seed: int = 0) -> Path:
+    from diffusers import StableDiffusionPipeline
+
+    unet_state, te_state = make_lora_state(model_dir, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=unet_state,
+                                              text_encoder_lora_layers=te_state, weight_name=path.name)  # fmt: skip
+    return path
+
+
+def save_kohya_lora(path: Path, model_dir: Path, seed: int = 1, rank: int = 4, alpha: float = 2.0) -> Path:
+    """kohya layout: lora_unet_/lora_te_ prefixes, lora_down/lora_up, explicit alpha."""
+    import torch
+    from safetensors.torch import save_file
+
+    unet_state, te_state = make_lora_state(model_dir, rank=rank, alpha=alpha, seed=seed)
+    out = {}
+    for prefix, state in (("lora_unet", unet_state), ("lora_te", te_state)):
+        for key, tensor in state.items():
+            module, _, kind = key.rpartition(".lora_")
+            name = f"{prefix}_{module.replace('.', '_')}"
+            out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
+            "ss_base_model_version": "sd_v1"}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path), metadata=meta)
+    return path
+
+
+def save_loha(path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{key}.hada_w1_a": torch.zeros(4, 4), f"{key}.hada_w1_b": torch.zeros(4, 4),
+               f"{key}.alpha": torch.tensor(4.0)}, str(path))  # fmt: skip
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppProcess:
+    """`python app.py ...` in a subprocess, as a user would start it."""
+
+    def __init__(
+        self, data_dir: Path, models_dir: Path, *extra: str, port: int | None = None, env: dict | None = None
+    ):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.args = [sys.executable, str(REPO / "app.py"), "--demo", "--data-dir", str(data_dir), "--models-dir",
+                     str(models_dir), "--port", str(self.port), *extra]  # fmt: skip
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.log_path = Path(data_dir) / f"app-{self.port}-{int(time.time() * 1000)}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> AppProcess:
+        Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            self.args, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"app exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "gradio_api/info", timeout=2).status_code < 500:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"app did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")[-6000:]
+
+    def kill9(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)

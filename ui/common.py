@@ -1,0 +1,40 @@
+"""The one boundary where engine errors become gr.Error, and small helpers every tab shares."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import gradio as gr
+
+from engine.errors import PermissionDeniedError, StudioError
+from engine.settings import Settings
+from engine.studio import Studio
+
+# Events that exist only to keep the page in sync are hidden from the API page.
+PRIVATE = {"api_visibility": "private"}
+JOBS_CONCURRENCY_ID = "jobs"
+
+
+@dataclass
+class UIContext:
+    """What a tab's build() gets: the engine facade and settings, never pipelines or sessions."""
+
+    studio: Studio
+    settings: Settings
+    job_tokens: gr.BrowserState | None = None  # job id -> cancel token, kept in this browser
+
+
+@contextmanager
+def engine_errors() -> Iterator[None]:
+    try:
+        yield
+    except PermissionDeniedError as e:
+        raise gr.Error(str(e), title="Not allowed") from None
+    except StudioError as e:
+        raise gr.Error(str(e), title="Invalid input") from None
+
+
+def username(request: gr.Request | None) -> str:
+    return (getattr(request, "username", None) or "anonymous") if request is not None else "anonymous"
