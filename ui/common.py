@@ -38,3 +38,19 @@ def engine_errors() -> Iterator[None]:
 
 def username(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or "anonymous") if request is not None else "anonymous"
+
+
+def name_range_errors(component, name: str):
+    """Gradio's own range check says "Value -1 is less than minimum value 1."; make it name the
+    parameter and the allowed range, as every other StudioNOVA error does."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except gr.Error as e:
+            allowed = f"allowed: {component.minimum:g} to {component.maximum:g}"
+            raise gr.Error(f"{name}={payload!r}: {e.message} ({allowed})", title="Invalid input") from None
+
+    component.preprocess = preprocess
+    return component

@@ -12,13 +12,14 @@ import gradio as gr
 
 from engine.requests import GenerateRequest, field_spec
 from engine.samplers import SAMPLER_NAMES
-from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username
+from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, name_range_errors, username
 
 
 def _slider(name: str, label: str, step: float = 1, **extra) -> gr.Slider:
     spec = field_spec(GenerateRequest, name)
-    return gr.Slider(minimum=spec["ge"], maximum=spec["le"], value=spec["default"], step=spec.get("multiple_of", step),
-                     label=label, info=spec["info"], **extra)  # fmt: skip
+    slider = gr.Slider(minimum=spec["ge"], maximum=spec["le"], value=spec["default"],
+                       step=spec.get("multiple_of", step), label=label, info=spec["info"], **extra)  # fmt: skip
+    return name_range_errors(slider, name)
 
 
 def build(ctx: UIContext) -> None:

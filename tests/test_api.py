@@ -1,0 +1,90 @@
+"""gradio_client end to end against the launched app: /generate, /job_status, /cancel_job, errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from engine.infotext import parse_infotext
+
+SMALL = dict(prompt="a castle", negative_prompt="", steps=4, width=64, height=64)
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.url, verbose=False)
+
+
+def test_generate_returns_png_files_with_infotext(client):
+    job = client.submit(**SMALL, seed=321, batch_size=2, loras="kohya_style:0.5", api_name="/generate")
+    progress_seen = set()
+    while not job.done():
+        status = job.status()
+        if status.progress_data:
+            progress_seen.add(status.progress_data[0].index)
+        time.sleep(0.02)
+    images, infotext, job_id, token, state, _preview = job.result()
+    assert len(images) == 2 and "succeeded" in state and job_id and token
+    assert progress_seen, "no progress reached the client"
+    for i, item in enumerate(images):
+        png = Image.open(item["image"])
+        assert png.format == "PNG" and png.size == (64, 64)
+        assert parse_infotext(png.text["parameters"])["Seed"] == str(321 + i)
+        assert "studionova" in png.text
+    p = parse_infotext(infotext)
+    assert p["Steps"] == "4" and p["Lora hashes"].startswith("kohya_style: ")
+    status = client.predict(job_id, api_name="/job_status")
+    assert status["status"] == "succeeded" and status["progress"]["step"] == status["progress"]["total"] == 4
+    assert len(status["result"]["images"]) == 2
+
+
+def test_same_seed_same_png_pixels_through_api(client):
+    a = client.predict(**SMALL, seed=99, api_name="/generate")[0][0]["image"]
+    b = client.predict(**SMALL, seed=99, api_name="/generate")[0][0]["image"]
+    assert Image.open(a).tobytes() == Image.open(b).tobytes()
+
+
+def test_cancel_through_api(client):
+    job = client.submit(**{**SMALL, "steps": 150, "width": 128, "height": 128}, seed=5, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not job.outputs():
+        time.sleep(0.05)
+    _, _, job_id, token, _, _ = job.outputs()[0]
+    with pytest.raises(AppError, match="only its owner"):
+        client.predict(job_id, "not-the-token", api_name="/cancel_job")
+    assert client.predict(job_id, token, api_name="/cancel_job") in ("cancelled", "cancelling")
+    deadline = time.monotonic() + 30
+    while client.predict(job_id, api_name="/job_status")["status"] not in ("cancelled", "succeeded"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.predict(job_id, api_name="/job_status")["status"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        ({"model": "nope"}, "model 'nope' not found; available: studionova-demo"),
+        ({"model": "../../etc/passwd"}, "not found"),
+        ({"steps": -1}, "steps=-1"),
+        ({"width": 64000, "height": 64000}, "width=64000"),
+        ({"loras": "../../studio:1"}, "lora '../../studio' not found"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(client, overrides, needle):
+    with pytest.raises(AppError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        client.predict(**{**SMALL, **overrides}, seed=1, api_name="/generate")
+
+
+def test_unknown_job_status(client):
+    with pytest.raises(AppError, match="job 'missing' not found"):
+        client.predict("missing", api_name="/job_status")
+
+
+def test_internal_events_are_hidden_from_api(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/generate", "/job_status", "/cancel_job", "/retry_job", "/resume_job"} <= names
+    assert not [n for n in names if "lambda" in n or "refresh" in n or "add_lora" in n or "remember" in n]
