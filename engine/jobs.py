@@ -162,6 +162,11 @@ class InProcessExecutor:
     def submit(self, job_id: str) -> None:
         self._queues[self.devices[0]].put(job_id)
 
+    def warm(self, model: str) -> None:
+        """Load `model` on every device in the background, so the first job does not wait for it."""
+        for device in self.devices:
+            self._queues[device].put(("warm", model))
+
     def capacity(self) -> dict[str, int]:
         return {d: self._queues[d].qsize() for d in self.devices}
 
@@ -177,10 +182,20 @@ class InProcessExecutor:
             job_id = q.get()
             if job_id is None:
                 return
+            if isinstance(job_id, tuple):  # ("warm", model)
+                self._warm(device, job_id[1])
+                continue
             try:
                 self.service.run_job(job_id, device, self)
             except Exception:  # a bug in the job machinery must not kill the worker
                 log.exception("worker %s crashed on job %s", device, job_id)
+
+    def _warm(self, device: str, model: str) -> None:
+        with self._gpu_locks[device]:
+            try:
+                self.runtime(device).models.get(model)
+            except Exception:  # a broken default model shows up on the first job, with its real error
+                log.exception("could not preload %s on %s", model, device)
 
     def gpu_lock(self, device: str) -> threading.Lock:
         return self._gpu_locks[device]

@@ -64,6 +64,8 @@ class Studio:
         studio = cls(settings, db, jobs, executor, plan.device, plan.dtype)
         if recover:
             log.info("recovered jobs: %s", jobs.recover())
+        if studio.default_model():
+            executor.warm(studio.default_model())
         return studio
 
     def close(self) -> None:

@@ -20,13 +20,14 @@ def client(app):
 
 
 def test_generate_returns_png_files_with_infotext(client):
-    job = client.submit(**SMALL, seed=321, batch_size=2, loras="kohya_style:0.5", api_name="/generate")
+    args = {**SMALL, "steps": 40}  # long enough for a status poll to see progress
+    job = client.submit(**args, seed=321, batch_size=2, loras="kohya_style:0.5", api_name="/generate")
     progress_seen = set()
     while not job.done():
         status = job.status()
         if status.progress_data:
             progress_seen.add(status.progress_data[0].index)
-        time.sleep(0.02)
+        time.sleep(0.01)
     images, infotext, job_id, token, state, _preview = job.result()
     assert len(images) == 2 and "succeeded" in state and job_id and token
     assert progress_seen, "no progress reached the client"
@@ -36,9 +37,9 @@ def test_generate_returns_png_files_with_infotext(client):
         assert parse_infotext(png.text["parameters"])["Seed"] == str(321 + i)
         assert "studionova" in png.text
     p = parse_infotext(infotext)
-    assert p["Steps"] == "4" and p["Lora hashes"].startswith("kohya_style: ")
+    assert p["Steps"] == "40" and p["Lora hashes"].startswith("kohya_style: ")
     status = client.predict(job_id, api_name="/job_status")
-    assert status["status"] == "succeeded" and status["progress"]["step"] == status["progress"]["total"] == 4
+    assert status["status"] == "succeeded" and status["progress"]["step"] == status["progress"]["total"] == 40
     assert len(status["result"]["images"]) == 2
 
 
