@@ -18,7 +18,8 @@ from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, na
 def _slider(name: str, label: str, step: float = 1, **extra) -> gr.Slider:
     spec = field_spec(GenerateRequest, name)
     slider = gr.Slider(minimum=spec["ge"], maximum=spec["le"], value=spec["default"],
-                       step=spec.get("multiple_of", step), label=label, info=spec["info"], **extra)  # fmt: skip
+                       step=spec.get("multiple_of", step), label=label, info=spec["info"], elem_id=name,
+                       **extra)  # fmt: skip
     return name_range_errors(slider, name)
 
 
