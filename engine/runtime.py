@@ -25,7 +25,9 @@ SD1_LATENT_RGB = (
     (-0.158, 0.189, 0.264),
     (-0.184, -0.271, -0.473),
 )
-PREVIEW_INTERVAL_S = 0.25
+# Like A1111's live previews: a cheap approximation now and then, never on short jobs (a preview of a
+# job that ends within the interval costs the caller more than it shows).
+PREVIEW_INTERVAL_S = 1.0
 
 
 def latent_preview(latents):
@@ -50,12 +52,17 @@ class WorkerRuntime:
 
     @classmethod
     def create(cls, plan: DevicePlan, models_dir: Path, db: Database, outputs_dir: Path, version: str):
+        # diffusers' lazy module is not safe to import from two threads at once: import what the
+        # workers use here, once, before any of them runs (the executor calls this under a lock).
+        import diffusers  # noqa: F401
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  # noqa: F401
+
         return cls(plan, ModelManager(models_dir, plan, HashCache(db)), db, outputs_dir, version)
 
     def step_callback(self, emit: Callable[[dict], None], is_cancelled: Callable[[], bool], step_offset: int,
                       total: int, started: float, previews: bool = True):  # fmt: skip
         """A diffusers `callback_on_step_end` that reports progress and stops on cancel."""
-        last_preview = [0.0]
+        last_preview = [started]
 
         def callback(pipe, step: int, timestep, kwargs: dict):
             if is_cancelled():
@@ -66,10 +73,12 @@ class WorkerRuntime:
             event = {"step": done, "total": total, "eta": round(eta, 2) if eta is not None else None,
                      "desc": f"step {done}/{total}"}  # fmt: skip
             now = time.monotonic()
+            # read at call time, so tests and settings can change the cadence
             if (
                 previews
                 and "latents" in kwargs
-                and (now - last_preview[0] >= PREVIEW_INTERVAL_S or done == total)
+                and done < total
+                and now - last_preview[0] >= PREVIEW_INTERVAL_S
             ):
                 last_preview[0] = now
                 event["preview"] = latent_preview(kwargs["latents"])

@@ -54,6 +54,8 @@ def save_kohya_lora(path: Path, model_dir: Path, seed: int = 1, rank: int = 4, a
     for prefix, state in (("lora_unet", unet_state), ("lora_te", te_state)):
         for key, tensor in state.items():
             module, _, kind = key.rpartition(".lora_")
+            if prefix == "lora_te" and not module.startswith("text_model."):
+                module = "text_model." + module  # kohya names CLIP modules as transformers 4 did
             name = f"{prefix}_{module.replace('.', '_')}"
             out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha))

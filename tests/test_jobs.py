@@ -159,12 +159,16 @@ def test_out_of_memory_is_reported_freed_and_next_job_works(studio):
     assert finish(studio, studio.submit_generate(TINY)[0])["type"] == "done"
 
 
-def test_progress_is_pushed_and_recorded(studio):
+def test_progress_is_pushed_and_recorded(studio, monkeypatch):
+    from engine import runtime
+
+    monkeypatch.setattr(runtime, "PREVIEW_INTERVAL_S", 0.0)
     job_id, _ = studio.submit_generate({**TINY, "steps": 5})
     events = list(studio.watch(job_id))
     progress = [e for e in events if e["type"] == "progress"]
     assert [e["step"] for e in progress] == [1, 2, 3, 4, 5] and all(e["total"] == 5 for e in progress)
-    assert any("preview" in e for e in progress) and progress[-1]["preview"].size == (32, 32)
+    previews = [e["preview"] for e in progress if "preview" in e]
+    assert len(previews) == 4 and previews[0].size == (32, 32)  # every step but the last (the image itself)
     assert studio.job_status(job_id)["progress"]["step"] == 5
 
 

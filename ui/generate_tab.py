@@ -94,20 +94,13 @@ def build(ctx: UIContext) -> None:
         for event in studio.watch(jid):
             kind = event["type"]
             if kind == "progress":
-                progress(
-                    (event["step"], event["total"]), desc=f"Generating · ETA {event.get('eta') or 0:.1f}s"
-                )
-                yield (gr.skip(), gr.skip(), gr.skip(), gr.skip(), f"**running** · {event['desc']}",
-                       event.get("preview", gr.skip()))  # fmt: skip
-            elif kind == "started":
-                yield (
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                    gr.skip(),
-                    f"**running** on {event['device']}",
-                    gr.skip(),
-                )
+                # Every step reaches the progress bar (and gradio_client's progress_data); the outputs
+                # change only when there is a new preview, so short jobs send no extra updates.
+                eta = event.get("eta") or 0
+                progress((event["step"], event["total"]), desc=f"Generating · ETA {eta:.1f}s")
+                if "preview" in event:
+                    status_text = f"**running** · {event['desc']}"
+                    yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), status_text, event["preview"]
             elif kind == "done":
                 images = event["result"]["images"]
                 files = [(img["path"], f"seed {img['seed']}") for img in images]
