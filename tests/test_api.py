@@ -89,3 +89,20 @@ def test_internal_events_are_hidden_from_api(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     assert {"/generate", "/job_status", "/cancel_job", "/retry_job", "/resume_job"} <= names
     assert not [n for n in names if "lambda" in n or "refresh" in n or "add_lora" in n or "remember" in n]
+
+
+def test_readme_client_example_runs(app):
+    """The README's gradio_client example, as written, against the launched app."""
+    from tests.factories import REPO
+
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("## From a Python script (gradio_client)", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace("http://127.0.0.1:7860/", app.url)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert len(namespace["images"]) == 2 and "Steps: 4" in namespace["infotext"]
+    client = namespace["client"]
+    deadline = time.monotonic() + 30
+    while client.predict(namespace["long_id"], api_name="/job_status")["status"] != "cancelled":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
