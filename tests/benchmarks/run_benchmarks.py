@@ -21,6 +21,9 @@ from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+# Untimed pause between the two sides, so OpenMP threads still spinning after one call (in one
+# process) do not slow the next call (in the other) on a 2-core machine.
+SETTLE_S = 0.02
 PARAMS = dict(prompt="a lighthouse at dusk", negative_prompt="", steps=4, width=64, height=64, cfg_scale=7.0,
               sampler="Euler a")  # fmt: skip
 
@@ -82,9 +85,11 @@ def interleaved(ours, bare: BarePipeline, runs: int, warmup: int = 2) -> tuple[f
         bare()
     a, b = [], []
     for _ in range(runs):
+        time.sleep(SETTLE_S)
         t = time.perf_counter()
         ours()
         a.append((time.perf_counter() - t) * 1000)
+        time.sleep(SETTLE_S)
         b.append(bare())
     return statistics.median(a), statistics.median(b)
 
