@@ -96,7 +96,11 @@ def test_readme_client_example_runs(app):
     from tests.factories import REPO
 
     readme = (REPO / "README.md").read_text()
-    code = readme.split("## From a Python script (gradio_client)", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = (
+        readme.split("## From a Python script (gradio_client)", 1)[1]
+        .split("```python", 1)[1]
+        .split("```", 1)[0]
+    )
     code = code.replace("http://127.0.0.1:7860/", app.url)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
@@ -106,3 +110,17 @@ def test_readme_client_example_runs(app):
     while client.predict(namespace["long_id"], api_name="/job_status")["status"] != "cancelled":
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_img2img_through_api(client, tmp_path):
+    from gradio_client import handle_file
+
+    src = tmp_path / "src.png"
+    Image.new("RGB", (96, 80), (200, 40, 40)).save(src)
+    args = dict(SMALL, seed=7, init_image=handle_file(str(src)), denoising_strength=0.5, api_name="/generate")
+    first, infotext, job_id, *_ = client.predict(**args)
+    again = client.predict(**args)[0]
+    assert Image.open(first[0]["image"]).size == (64, 64)
+    assert Image.open(first[0]["image"]).tobytes() == Image.open(again[0]["image"]).tobytes()
+    assert parse_infotext(infotext)["Denoising strength"] == "0.5"
+    assert client.predict(job_id, api_name="/job_status")["status"] == "succeeded"

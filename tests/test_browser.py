@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import pytest
+from gradio_client import Client
 
 pytestmark = pytest.mark.browser
 
@@ -40,6 +42,25 @@ def test_generate_in_the_browser(app, tmp_path):
             assert image.evaluate("img => img.naturalWidth") == 64
             assert page.locator("#job_id textarea, #job_id input").first.input_value()
             page.screenshot(path=str(tmp_path / "generate.png"), full_page=True)
+
+            # A long job, cancelled with the Cancel button: the job stops and says so.
+            first_job = page.locator("#job_id textarea, #job_id input").first.input_value()
+            set_slider(page, "steps", 150)
+            set_slider(page, "width", 256)
+            set_slider(page, "height", 256)
+            page.locator("#generate_btn").click()
+            job_box = page.locator("#job_id textarea, #job_id input").first
+            expect(job_box).not_to_have_value(first_job, timeout=30_000)
+            expect(page.locator("#job_state")).to_contain_text("running", timeout=30_000)
+            page.locator("#cancel_btn").click()
+            expect(page.locator("#job_state")).to_contain_text("cancel", timeout=30_000)
+            status = Client(app.url, verbose=False).predict(job_box.input_value(), api_name="/job_status")
+            deadline = time.monotonic() + 30
+            while status["status"] != "cancelled":
+                assert status["status"] == "running" and time.monotonic() < deadline, status
+                time.sleep(0.2)
+                status = Client(app.url, verbose=False).predict(job_box.input_value(), api_name="/job_status")
+            assert status["progress"]["step"] < 150
             shot = os.environ.get("STUDIONOVA_SCREENSHOT")
             if shot:
                 page.screenshot(path=shot, full_page=True)
