@@ -87,7 +87,15 @@ def test_unknown_job_status(client):
 
 def test_internal_events_are_hidden_from_api(client):
     names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/generate", "/job_status", "/cancel_job", "/retry_job", "/resume_job"} <= names
+    assert {
+        "/generate",
+        "/job_status",
+        "/cancel_job",
+        "/retry_job",
+        "/resume_job",
+        "/list_models",
+        "/usage",
+    } <= names
     assert not [n for n in names if "lambda" in n or "refresh" in n or "add_lora" in n or "remember" in n]
 
 
@@ -124,3 +132,13 @@ def test_img2img_through_api(client, tmp_path):
     assert Image.open(first[0]["image"]).tobytes() == Image.open(again[0]["image"]).tobytes()
     assert parse_infotext(infotext)["Denoising strength"] == "0.5"
     assert client.predict(job_id, api_name="/job_status")["status"] == "succeeded"
+
+
+def test_list_models_and_usage(client):
+    listing = client.predict(api_name="/list_models")
+    assert listing["default_model"] == "studionova-demo"
+    assert listing["models"][0]["label"].endswith("demo (random weights)")
+    assert {"kohya_style", "peft_style"} <= set(listing["loras"]) and "DPM++ 2M Karras" in listing["samplers"]
+    client.predict(**SMALL, seed=1, api_name="/generate")
+    usage = client.predict(api_name="/usage")
+    assert usage["per_model"][0]["model"] == "studionova-demo" and usage["per_model"][0]["jobs"] >= 1

@@ -143,6 +143,18 @@ def build(ctx: UIContext) -> None:
 
     refresh.click(refresh_lists, None, [model, lora_pick], **PRIVATE)
 
+    def list_models() -> dict:
+        """Models (name + label), LoRAs and samplers this server accepts in /generate."""
+        return {
+            "models": [{"name": name, "label": label} for label, name in studio.model_choices()],
+            "default_model": studio.default_model(),
+            "loras": studio.lora_names(),
+            "samplers": list(SAMPLER_NAMES),
+        }
+
+    listing = gr.JSON(visible=False, label="models")
+    refresh.click(list_models, None, [listing], api_name="list_models")
+
     def add_lora(current: str, name: str | None, weight: float) -> str:
         if not name:
             return current

@@ -116,6 +116,13 @@ def build(ctx: UIContext) -> None:
         return render_jobs_table(studio.recent_jobs()), day, model
 
     refresh_btn.click(refresh, None, [table, per_day, per_model], **PRIVATE)
+
+    def usage() -> dict:
+        """Device-seconds and GPU-seconds per day and per model over the last 30 days."""
+        day, model = studio.usage()
+        return {"per_day": day.to_dict(orient="records"), "per_model": model.to_dict(orient="records")}
+
+    api.click(usage, None, [hidden_status], api_name="usage")
     timer.tick(
         lambda: render_jobs_table(studio.recent_jobs()), None, [table], show_progress="hidden", **PRIVATE
     )
