@@ -96,6 +96,8 @@ def launch_kwargs(settings: Settings) -> dict:
         "max_file_size": f"{settings.max_upload_mb}mb",
         "allowed_paths": [str(settings.outputs_dir)],
         "blocked_paths": blocked,
+        # each watching /generate call holds a worker thread while it waits for its job's events
+        "max_threads": settings.max_queue + 16,
         "show_error": True,
         "footer_links": ["api", "settings"],
         "ssr_mode": False,
