@@ -9,51 +9,62 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
+from engine import modes
 from engine.artifacts import save_png, sha256_file
 from engine.errors import InputError
 from engine.infotext import build_infotext
 from engine.jobs import RunContext
-from engine.prompts import encode_prompts
+from engine.prompts import encode_prompts, extract_lora_tags
 from engine.requests import GeneratedImage, GenerateRequest, GenerateResult
 from engine.samplers import SAMPLERS, make_scheduler
 from engine.store import Asset, Generation, utcnow
 
-MAX_INIT_IMAGE_PIXELS = 4096 * 4096
+
+@dataclass
+class Prepared:
+    """Everything a mode needs before sampling: sizes, images, masks, the pipeline to call."""
+
+    task: str  # txt2img / img2img / inpaint
+    width: int
+    height: int
+    init: Any = None
+    filled: Any = None  # init with the masked area prepared ("masked content")
+    mask: Any = None
+    blurred_mask: Any = None
+    control: Any = None
 
 
-def load_init_image(path: str, width: int, height: int):
-    """Open, verify and resize the img2img source; errors name the file and the problem."""
-    from PIL import Image, UnidentifiedImageError
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"init_image {p.name!r} was not uploaded or no longer exists")
-    try:
-        with Image.open(p) as probe:
-            probe.verify()
-        img = Image.open(p)
-        if img.width * img.height > MAX_INIT_IMAGE_PIXELS:
-            raise InputError(
-                f"init_image is {img.width}x{img.height}; at most {MAX_INIT_IMAGE_PIXELS} pixels"
-            )
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise InputError(f"init_image {p.name!r} is not a readable image (PNG, JPEG or WebP): {e}") from None
-    except Image.DecompressionBombError as e:
-        raise InputError(f"init_image {p.name!r} is too large to decode safely: {e}") from None
-    img = img.convert("RGB")
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.LANCZOS)
-    return img
+def prepare_inputs(req: GenerateRequest) -> Prepared:
+    w, h = req.width, req.height
+    if not req.init_image:
+        prep = Prepared("txt2img", w, h)
+    else:
+        init = modes.fit(modes.open_image(req.init_image, "init_image"), w, h)
+        prep = Prepared("img2img", w, h, init=init)
+        mask = None
+        if req.mode == "outpaint":
+            prep.init, mask = modes.outpaint_canvas(init, *req.outpaints)
+            prep.width, prep.height = prep.init.size
+        elif req.mode == "inpaint":
+            mask = modes.fit(modes.open_image(req.mask_image, "mask_image", "L"), w, h)
+        if mask is not None:
+            prep.task = "inpaint"
+            prep.mask, prep.blurred_mask = modes.prepare_mask(mask, req.mask_blur)
+            prep.filled = modes.fill_masked(prep.init, prep.mask, req.masked_content, req.seed)
+    if req.controlnet:
+        control = modes.fit(modes.open_image(req.control_image, "control_image"), prep.width, prep.height)
+        prep.control = modes.canny(control) if req.control_preprocessor == "canny" else control
+    return prep
 
 
-def a1111_params(
-    req: GenerateRequest, seed: int, model_name: str, model_hash: str, lora_hashes: dict
-) -> dict:
+def a1111_params(req: GenerateRequest, seed: int, model_name: str, model_hash: str, extras: dict) -> dict:
     spec = SAMPLERS[req.sampler]
-    return {
+    inpaint = req.mode in ("inpaint", "outpaint")
+    hires = req.enable_hr and not req.init_image
+    params = {
         "Steps": req.steps,
         "Sampler": spec.a1111_sampler,
         "Schedule type": spec.a1111_schedule or None,
@@ -62,96 +73,206 @@ def a1111_params(
         "Size": f"{req.width}x{req.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "VAE hash": extras.get("vae_hash"),
+        "VAE": extras.get("vae"),
+        "Variation seed": extras.get("subseed") if req.subseed_strength > 0 else None,
+        "Variation seed strength": f"{req.subseed_strength:g}" if req.subseed_strength > 0 else None,
         "Denoising strength": f"{req.denoising_strength:g}" if req.init_image else None,
         "Clip skip": req.clip_skip if req.clip_skip > 1 else None,
-        "Lora hashes": ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) or None,
-    }
+        "Mask blur": req.mask_blur if inpaint else None,
+        "Inpaint area": "Only masked" if inpaint and req.inpaint_only_masked else None,
+        "Masked area padding": req.inpaint_padding if inpaint and req.inpaint_only_masked else None,
+        "Masked content": req.masked_content if inpaint else None,
+        "Outpaint": " ".join(f"{k}={v}" for k, v in zip(("left", "right", "up", "down"), req.outpaints, strict=True))
+        if req.mode == "outpaint" else None,
+    }  # fmt: skip
+    if hires:
+        params["Denoising strength"] = f"{req.hr_denoising_strength:g}"
+        params.update({"Hires upscale": f"{req.hr_scale:g}", "Hires steps": req.hr_second_pass_steps or None,
+                       "Hires upscaler": req.hr_upscaler})  # fmt: skip
+    if req.controlnet:
+        params["ControlNet 0"] = (f"Module: {req.control_preprocessor}, Model: {req.controlnet} "
+                                  f"[{extras.get('controlnet_hash', '')}], Weight: {req.controlnet_scale:g}")  # fmt: skip
+    lora_hashes, ti_hashes = extras.get("lora_hashes") or {}, extras.get("ti_hashes") or {}
+    params["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) or None
+    params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in ti_hashes.items()) or None
+    return params
+
+
+def _sampling_steps(req: GenerateRequest) -> tuple[int, int]:
+    """(first pass, hires pass) steps actually run, as diffusers' img2img counts them."""
+    first = req.steps if not req.init_image else max(1, int(req.steps * req.denoising_strength))
+    if req.enable_hr and not req.init_image:
+        return first, max(1, int((req.hr_second_pass_steps or req.steps) * req.hr_denoising_strength))
+    return first, 0
 
 
 def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True) -> GenerateResult:
     import torch
 
-    if req.seed < 0:
-        raise InputError("seed=-1 must be resolved to a real seed before the job runs")
+    if req.seed < 0 or (req.subseed_strength > 0 and req.subseed < 0):
+        raise InputError("seed/subseed=-1 must be resolved to a real seed before the job runs")
     rt = ctx.runtime
     timings: dict[str, float] = {}
     t0 = time.monotonic()
     model = rt.models.get(req.model)
-    lora_hashes = rt.models.apply_loras(model, req.loras)
+    prompt, negative = apply_styles(req, rt)
+    extras: dict[str, Any] = {"lora_hashes": rt.models.apply_loras(model, req.loras), "subseed": req.subseed}
+    if vae := rt.models.set_vae(model, req.vae):
+        extras["vae"], extras["vae_hash"] = vae
+    prep = prepare_inputs(req)
+    pipe = rt.models.variant(model, prep.task, req.controlnet)
+    if req.controlnet:
+        extras["controlnet_hash"] = rt.models.hashes.sha256(rt.models.controlnet_path(req.controlnet))[:10]
+    extras["ti_hashes"] = rt.models.ensure_embeddings(model, [prompt, negative])
     timings["load"] = time.monotonic() - t0
-    init = load_init_image(req.init_image, req.width, req.height) if req.init_image else None
-    pipe = rt.models.img2img(model) if init is not None else model.pipe
-    pipe.scheduler = make_scheduler(
-        req.sampler, model.base_scheduler_config
-    )  # per call: the next one is clean
-    rt.models.configure_for_size(model, req.width, req.height)
+    pipe.scheduler = make_scheduler(req.sampler, model.base_scheduler_config)  # per call: the next one is clean
+    rt.models.configure_for_size(model, *req.output_size)
 
-    steps_per_batch = req.steps if init is None else max(1, int(req.steps * req.denoising_strength))
-    total = steps_per_batch * req.batch_count
+    first, second = _sampling_steps(req)
+    total = (first + second) * req.batch_count
     started = time.monotonic()
+    with torch.inference_mode():
+        embeds = encode_prompts(pipe, extract_lora_tags(prompt)[0], extract_lora_tags(negative)[0], req.clip_skip)
     images = []
     for batch in range(req.batch_count):
         seeds = [req.seed + batch * req.batch_size + i for i in range(req.batch_size)]
         ctx.check_cancelled()
-        kwargs = {
-            "num_inference_steps": req.steps,
-            "guidance_scale": req.cfg_scale,
-            "num_images_per_prompt": req.batch_size,
-            "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
-            "callback_on_step_end": rt.step_callback(
-                ctx.emit, ctx.is_cancelled, batch * steps_per_batch, total, started, previews
-            ),  # fmt: skip
-            "callback_on_step_end_tensor_inputs": ["latents"],
-        }
-        if init is None:
-            kwargs.update(width=req.width, height=req.height)
-        else:
-            kwargs.update(image=init, strength=req.denoising_strength)
+        offset = batch * (first + second)
+        callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset, total, started, previews)
         try:
-            with torch.inference_mode():
-                kwargs["prompt_embeds"], kwargs["negative_prompt_embeds"] = encode_prompts(
-                    pipe, req.prompt, req.negative_prompt, req.clip_skip
-                )
-                out = pipe(**kwargs)
+            out = _sample(req, rt, model, pipe, prep, embeds, seeds, callback)
+            if second:
+                callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset + first, total, started, previews)
+                out = _hires_pass(req, rt, model, out, embeds, seeds, callback)
         except Exception as e:
             if rt.is_out_of_memory(e):
+                w, h = req.output_size
                 raise rt.out_of_memory(
                     e,
-                    f"{req.batch_size} image(s) at {req.width}x{req.height} did not fit; lower batch_size "
+                    f"{req.batch_size} image(s) at {w}x{h} did not fit; lower batch_size "
                     f"(now {req.batch_size}) or width/height, or restart with --cpu-offload",
                 ) from None
             raise
-        images.extend(zip(seeds, out.images, strict=True))
+        if prep.task == "inpaint":
+            out = [modes.paste_back(prep.init, img, prep.blurred_mask) for img in out]
+        images.extend(zip(seeds, out, strict=True))
     timings["sampling"] = time.monotonic() - started
 
     t1 = time.monotonic()
-    saved = [
-        save_generated(req, ctx, model, lora_hashes, seed, img, k) for k, (seed, img) in enumerate(images)
-    ]
+    saved = [save_generated(req, ctx, model, extras, seed, img, k) for k, (seed, img) in enumerate(images)]
     timings["save"] = time.monotonic() - t1
     return GenerateResult(images=saved, seed=req.seed, model=model.name, model_hash=model.model_hash,
-                          lora_hashes=lora_hashes, device=rt.plan.device, timings=timings)  # fmt: skip
+                          lora_hashes=extras["lora_hashes"], device=rt.plan.device, timings=timings)  # fmt: skip
+
+
+def apply_styles(req: GenerateRequest, rt) -> tuple[str, str]:
+    if not req.styles:
+        return req.prompt, req.negative_prompt
+    from engine.styles import StyleBook
+
+    return StyleBook(rt.styles_path).apply(req.styles, req.prompt, req.negative_prompt)
+
+
+def _call_kwargs(req: GenerateRequest, pipe, prep: Prepared, embeds: dict, seeds: list[int], callback) -> dict:
+    import torch
+
+    kwargs = {
+        **embeds,
+        "num_inference_steps": req.steps,
+        "guidance_scale": req.cfg_scale,
+        "num_images_per_prompt": len(seeds),
+        "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+        "callback_on_step_end": callback,
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+    if prep.task == "txt2img":
+        kwargs.update(width=prep.width, height=prep.height)
+        if req.subseed_strength > 0:
+            unet = pipe.unet
+            f = pipe.vae_scale_factor
+            shape = (unet.config.in_channels, prep.height // f, prep.width // f)
+            noise = modes.initial_noise(seeds, shape, req.subseed, req.subseed_strength)
+            kwargs["latents"] = noise.to(dtype=unet.dtype)
+    elif prep.task == "img2img":
+        kwargs.update(image=prep.init, strength=req.denoising_strength)
+    else:
+        kwargs.update(image=prep.filled, mask_image=prep.mask, strength=req.denoising_strength,
+                      width=prep.width, height=prep.height)  # fmt: skip
+        if req.inpaint_only_masked:
+            kwargs["padding_mask_crop"] = req.inpaint_padding
+    if prep.control is not None:
+        key = "image" if prep.task == "txt2img" else "control_image"
+        kwargs[key] = prep.control
+        kwargs["controlnet_conditioning_scale"] = req.controlnet_scale
+    return kwargs
+
+
+def _sample(req, rt, model, pipe, prep: Prepared, embeds, seeds, callback) -> list:
+    kwargs = _call_kwargs(req, pipe, prep, embeds, seeds, callback)
+    hires = req.enable_hr and prep.task == "txt2img"
+    if hires and req.hr_upscaler in modes.HIRES_LATENT_MODES:
+        kwargs["output_type"] = "latent"
+    import torch
+
+    with torch.inference_mode():
+        return list(pipe(**kwargs).images)
+
+
+def _hires_pass(req, rt, model, first: list, embeds, seeds, callback) -> list:
+    """A1111's hires fix: upscale the first pass (in latent space or as an image) and run img2img on it."""
+    import torch
+
+    w, h = req.output_size
+    if req.hr_upscaler in modes.HIRES_LATENT_MODES:
+        image = modes.upscale_latents(torch.stack(first), w, h, req.hr_upscaler, model.pipe.vae_scale_factor)
+    else:
+        upscaler = None
+        if req.hr_upscaler != "Lanczos":
+            upscaler = rt.models.roots.resolve("upscale_models", req.hr_upscaler,
+                                               rt.models.roots.list_files("upscale_models"))  # fmt: skip
+        image = [modes.upscale_image(img, w, h, upscaler, rt.plan.device) for img in first]
+    pipe = rt.models.variant(model, "img2img")
+    pipe.scheduler = make_scheduler(req.sampler, model.base_scheduler_config)
+    kwargs = {
+        **embeds,
+        "image": image,
+        "strength": req.hr_denoising_strength,
+        "num_inference_steps": req.hr_second_pass_steps or req.steps,
+        "guidance_scale": req.cfg_scale,
+        "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+        "callback_on_step_end": callback,
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+    if len(seeds) > 1:
+        kwargs = {k: (v.repeat(len(seeds), *[1] * (v.dim() - 1)) if k.endswith("embeds") else v)
+                  for k, v in kwargs.items()}  # fmt: skip
+    with torch.inference_mode():
+        return list(pipe(**kwargs).images)
 
 
 def save_generated(
-    req, ctx: RunContext, model, lora_hashes: dict, seed: int, image, index: int
+    req, ctx: RunContext, model, extras: dict, seed: int, image, index: int
 ) -> GeneratedImage:
     rt = ctx.runtime
-    infotext = build_infotext(req.prompt, req.negative_prompt,
-                              a1111_params(req, seed, model.name, model.model_hash, lora_hashes),
+    lora_hashes = extras["lora_hashes"]
+    prompt, negative = apply_styles(req, rt)
+    infotext = build_infotext(prompt, negative, a1111_params(req, seed, model.name, model.model_hash, extras),
                               f"StudioNOVA {rt.version}")  # fmt: skip
     recipe = {
         "app": "StudioNOVA",
         "version": rt.version,
         "job_id": ctx.job_id,
         "mode": req.mode,
-        "request": req.model_dump(mode="json", exclude={"init_image"}),
+        "request": req.model_dump(mode="json", exclude={"init_image", "mask_image", "control_image"}),
         "seed": seed,
         "index": index,
         "model": model.name,
         "model_label": model.label,
         "model_hash": model.model_hash,
         "loras": [{"name": s.name, "weight": s.weight, "hash": lora_hashes[s.name]} for s in req.loras],
+        "embeddings": extras.get("ti_hashes") or {},
+        "vae": {"name": extras["vae"], "hash": extras["vae_hash"]} if extras.get("vae") else None,
         "device": rt.plan.device,
         "dtype": rt.plan.dtype,
     }
@@ -162,8 +283,8 @@ def save_generated(
                   width=image.width, height=image.height, job_id=ctx.job_id)  # fmt: skip
     gen = Generation(asset_id=asset.id, job_id=ctx.job_id, mode=req.mode, model=model.name,
                      model_hash=model.model_hash, prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
-                     steps=req.steps, cfg_scale=req.cfg_scale, sampler=req.sampler, width=req.width,
-                     height=req.height, denoising_strength=req.denoising_strength if req.init_image else None,
+                     steps=req.steps, cfg_scale=req.cfg_scale, sampler=req.sampler, width=image.width,
+                     height=image.height, denoising_strength=req.denoising_strength if req.init_image else None,
                      clip_skip=req.clip_skip, loras=recipe["loras"], infotext=infotext, recipe=recipe)  # fmt: skip
     with rt.db.session() as s:
         s.add(asset)

@@ -44,9 +44,12 @@ class LoadedModel:
     label: str
     pipe: Any  # StableDiffusionPipeline
     base_scheduler_config: dict
-    img2img: Any = None
+    variants: dict[tuple[str, str], Any] = field(default_factory=dict)  # (task, controlnet) -> pipeline
     adapters: dict[str, str] = field(default_factory=dict)  # lora file hash -> adapter name
     lora_enabled: bool = False
+    original_vae: Any = None
+    vae_name: str = ""
+    embeddings: dict[str, str] = field(default_factory=dict)  # token -> short hash
 
 
 def model_label(name: str, path: Path) -> str:
@@ -84,6 +87,7 @@ class ModelManager:
         self.loaded: LoadedModel | None = None
         self.load_count = 0
         self._lock = threading.RLock()
+        self._controlnets: dict[str, Any] = {}
 
     # --- listing ---------------------------------------------------------------------
     def models(self) -> dict[str, Path]:
@@ -137,18 +141,159 @@ class ModelManager:
             if self.loaded is None:
                 return
             self.loaded = None
+            self._controlnets = {}
             free_memory(self.plan.device)
 
     def img2img(self, model: LoadedModel):
-        if model.img2img is None:
-            from diffusers import StableDiffusionImg2ImgPipeline
+        return self.variant(model, "img2img")
 
-            # Shares every module with the txt2img pipeline: no copy, no reload.
-            model.img2img = StableDiffusionImg2ImgPipeline(
-                **model.pipe.components, requires_safety_checker=False
+    def variant(self, model: LoadedModel, task: str, controlnet: str = ""):
+        """The pipeline for `task` (txt2img, img2img, inpaint), optionally with a ControlNet, sharing
+        every module with the loaded one (diffusers' AutoPipeline.from_pipe: no copy, no reload)."""
+        if task == "txt2img" and not controlnet:
+            return model.pipe
+        key = (task, controlnet)
+        if key not in model.variants:
+            from diffusers import (
+                AutoPipelineForImage2Image,
+                AutoPipelineForInpainting,
+                AutoPipelineForText2Image,
             )
-            model.img2img.set_progress_bar_config(disable=True)
-        return model.img2img
+
+            auto = {"txt2img": AutoPipelineForText2Image, "img2img": AutoPipelineForImage2Image,
+                    "inpaint": AutoPipelineForInpainting}[task]  # fmt: skip
+            extra = {"controlnet": self.controlnet(controlnet)} if controlnet else {}
+            pipe = auto.from_pipe(model.pipe, **extra)
+            pipe.set_progress_bar_config(disable=True)
+            model.variants[key] = pipe
+        return model.variants[key]
+
+    def _all_pipes(self, model: LoadedModel) -> list:
+        return [model.pipe, *model.variants.values()]
+
+    # --- VAE -----------------------------------------------------------------------------
+    def set_vae(self, model: LoadedModel, name: str) -> tuple[str, str] | None:
+        """Use the model's own VAE (name "") or a file from models/vae; returns (name, hash10) or None."""
+        if model.original_vae is None:
+            model.original_vae = model.pipe.vae
+        if not name:
+            if model.vae_name:
+                for p in self._all_pipes(model):
+                    p.vae = model.original_vae
+                model.vae_name = ""
+            return None
+        path = self.roots.resolve("vae", name, self.roots.list_files("vae"))
+        vhash = self.hashes.sha256(path)[:10]
+        if model.vae_name != f"{name}#{vhash}":
+            vae = self._load_vae(path, model)
+            for p in self._all_pipes(model):
+                p.vae = vae
+            model.vae_name = f"{name}#{vhash}"
+        return name, vhash
+
+    def _load_vae(self, path: Path, model: LoadedModel):
+        from diffusers import AutoencoderKL
+        from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+        from engine.checkpoints import read_state_dict
+
+        sd = read_state_dict(path)
+        if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up.")) for k in sd):
+            sd = {k.removeprefix("first_stage_model."): v for k, v in sd.items()}
+            sd = convert_ldm_vae_checkpoint(sd, dict(model.original_vae.config))
+        vae = AutoencoderKL.from_config(model.original_vae.config)
+        missing, unexpected = vae.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise InputError(
+                f"VAE {path.name} does not fit model {model.name!r}: {len(missing)} missing and "
+                f"{len(unexpected)} unexpected weights (e.g. {(missing or unexpected)[:3]})"
+            )
+        return vae.to(device=model.original_vae.device, dtype=model.original_vae.dtype)
+
+    # --- textual inversion ---------------------------------------------------------------
+    def ensure_embeddings(self, model: LoadedModel, texts: list[str]) -> dict[str, str]:
+        """Load the embeddings in models/embeddings whose names appear in `texts` (as A1111 does);
+        returns name -> short hash (12 hex) of those used."""
+        import re
+
+        available = self.roots.list_files("embeddings")
+        joined = "\n".join(texts)
+        used: dict[str, str] = {}
+        for rel, path in available.items():
+            token = Path(rel).name
+            if not re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", joined):
+                continue
+            short = self.hashes.sha256(path)[:12]
+            if model.embeddings.get(token) != short:
+                self._load_embedding(model, token, path)
+                model.embeddings[token] = short
+            used[token] = short
+        return used
+
+    def _load_embedding(self, model: LoadedModel, token: str, path: Path) -> None:
+        from engine.checkpoints import read_state_dict
+
+        sd = read_state_dict(path)
+        pipe = model.pipe
+        try:
+            if "clip_l" in sd or "clip_g" in sd:  # SDXL embedding
+                if getattr(pipe, "text_encoder_2", None) is None:
+                    raise InputError(f"embedding {path.name} is for SDXL; model {model.name!r} is not SDXL")
+                pipe.load_textual_inversion(sd["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                            tokenizer=pipe.tokenizer)  # fmt: skip
+                pipe.load_textual_inversion(sd["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                            tokenizer=pipe.tokenizer_2)  # fmt: skip
+            else:
+                if "string_to_param" in sd:  # A1111 .pt layout
+                    sd = {"string_to_param": sd["string_to_param"]}
+                pipe.load_textual_inversion(sd, token=token)
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise InputError(f"embedding {path.name} does not fit model {model.name!r}: {e}") from None
+
+    # --- ControlNet ----------------------------------------------------------------------
+    def controlnet(self, name: str):
+        """A ControlNet from models/controlnet: a diffusers folder or a single file."""
+        if name in self._controlnets:
+            return self._controlnets[name]
+        from diffusers import ControlNetModel
+
+        path = self.controlnet_path(name)
+        if path.is_dir():
+            cn = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=self.plan.torch_dtype())
+        else:
+            cn = self._controlnet_from_file(path)
+        cn = cn.to(self.plan.device)
+        self._controlnets = {name: cn}  # one at a time: switching frees the previous
+        return cn
+
+    def controlnet_path(self, name: str) -> Path:
+        """A diffusers ControlNet folder (config.json) or a single file in models/controlnet."""
+        files = self.roots.list_files("controlnet")
+        folders = {p.parent.relative_to(f).as_posix(): p.parent for f in self.roots.folders("controlnet")
+                   for p in f.rglob("config.json")}  # fmt: skip
+        return self.roots.resolve("controlnet", name, {**{k: v for k, v in files.items()
+                                                          if not (v.parent / "config.json").exists()}, **folders})
+
+    def _controlnet_from_file(self, path: Path):
+        from diffusers import ControlNetModel
+        from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+        from engine.checkpoints import read_state_dict
+
+        if self.loaded is None:
+            raise InputError("load a model before choosing a ControlNet")
+        sd = read_state_dict(path)
+        cn = ControlNetModel.from_unet(self.loaded.pipe.unet)
+        if any(k.startswith(("control_model.", "input_blocks.", "zero_convs.")) for k in sd):
+            sd = {k.removeprefix("control_model."): v for k, v in sd.items()}
+            sd = convert_controlnet_checkpoint(sd, dict(cn.config))
+        missing, unexpected = cn.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise InputError(
+                f"ControlNet {path.name} does not fit model {self.loaded.name!r}: {len(missing)} missing and "
+                f"{len(unexpected)} unexpected weights (e.g. {(missing or unexpected)[:3]})"
+            )
+        return cn.to(dtype=self.plan.torch_dtype())
 
     # --- LoRAs ---------------------------------------------------------------------------
     def apply_loras(self, model: LoadedModel, specs: list[LoraSpec]) -> dict[str, str]:

@@ -8,7 +8,7 @@ is allowed.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -103,6 +103,46 @@ class GenerateRequest(_Request):
         default=0.75, ge=0.0, le=1.0, description="img2img: how much to change the source"
     )
 
+    # --- inpaint / outpaint (need init_image) ---
+    mask_image: str | None = Field(
+        default=None, description="Inpaint mask path (white = repaint); drawn in the browser or uploaded"
+    )
+    mask_blur: int = Field(default=4, ge=0, le=64, description="Inpaint: mask edge blur in pixels")
+    inpaint_only_masked: bool = Field(
+        default=False, description="Inpaint only the masked area at full resolution, then paste it back"
+    )
+    inpaint_padding: int = Field(
+        default=32, ge=0, le=256, description="Inpaint 'only masked': context padding in pixels"
+    )
+    masked_content: Literal["original", "fill", "latent noise", "latent nothing"] = Field(
+        default="original", description="Inpaint: what the masked area starts from"
+    )
+    outpaint_left: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added left")
+    outpaint_right: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added right")
+    outpaint_up: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added on top")
+    outpaint_down: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added below")
+    # --- hires fix (txt2img) ---
+    enable_hr: bool = Field(default=False, description="Hires fix: upscale, then a second img2img pass")
+    hr_scale: float = Field(default=2.0, ge=1.0, le=4.0, description="Hires fix: upscale factor")
+    hr_upscaler: str = Field(
+        default="Latent", max_length=200,
+        description="Hires fix upscaler: Latent, Latent (nearest), Lanczos, or a model in upscale_models",
+    )  # fmt: skip
+    hr_second_pass_steps: int = Field(default=0, ge=0, le=150, description="Hires steps (0 = same as steps)")
+    hr_denoising_strength: float = Field(default=0.7, ge=0.0, le=1.0, description="Hires fix denoising strength")
+    # --- variation seed (A1111 "Extra") ---
+    subseed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="Variation seed (-1 = random)")
+    subseed_strength: float = Field(default=0.0, ge=0.0, le=1.0, description="Variation strength (0 = off)")
+    # --- model parts ---
+    vae: str = Field(default="", max_length=200, description="VAE: empty = the model's own, else a file in vae/")
+    controlnet: str = Field(default="", max_length=200, description="ControlNet model in controlnet/ (empty = off)")
+    control_image: str | None = Field(default=None, description="ControlNet input image path")
+    control_preprocessor: Literal["none", "canny"] = Field(
+        default="none", description="ControlNet preprocessing: none (the image is already a map) or canny"
+    )
+    controlnet_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="ControlNet weight")
+    styles: list[str] = Field(default_factory=list, max_length=16, description="Saved styles to apply")
+
     @field_validator("sampler")
     @classmethod
     def _known_sampler(cls, v: str) -> str:
@@ -125,13 +165,50 @@ class GenerateRequest(_Request):
             )
         return self
 
+    @field_validator("styles", mode="before")
+    @classmethod
+    def _parse_styles(cls, v: Any) -> Any:
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _mode_inputs(self) -> GenerateRequest:
+        if (self.mask_image or any(self.outpaints)) and not self.init_image:
+            raise ValueError("mask_image / outpaint_* need an init_image to paint into")
+        if self.mask_image and any(self.outpaints):
+            raise ValueError("give either mask_image (inpaint) or outpaint_* (outpaint), not both")
+        if self.controlnet and not self.control_image:
+            raise ValueError(f"controlnet={self.controlnet!r} needs a control_image")
+        return self
+
+    @property
+    def outpaints(self) -> tuple[int, int, int, int]:
+        return (self.outpaint_left, self.outpaint_right, self.outpaint_up, self.outpaint_down)
+
     @property
     def mode(self) -> str:
+        if self.init_image and any(self.outpaints):
+            return "outpaint"
+        if self.init_image and self.mask_image:
+            return "inpaint"
         return "img2img" if self.init_image else "txt2img"
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the saved images."""
+        left, right, up, down = self.outpaints
+        w, h = self.width + left + right, self.height + up + down
+        if self.enable_hr and not self.init_image:
+            w, h = hr_size(w, self.hr_scale), hr_size(h, self.hr_scale)
+        return w, h
 
     @property
     def total_images(self) -> int:
         return self.batch_size * self.batch_count
+
+
+def hr_size(side: int, scale: float) -> int:
+    """A1111's hires target: side x scale, rounded down to a multiple of 8."""
+    return max(64, int(side * scale) // 8 * 8)
 
 
 class GeneratedImage(BaseModel):

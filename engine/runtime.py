@@ -49,15 +49,25 @@ class WorkerRuntime:
     db: Database
     outputs_dir: Path
     version: str
+    styles_path: Path | None = None  # A1111-compatible styles.csv
 
     @classmethod
-    def create(cls, plan: DevicePlan, models_dir: Path, db: Database, outputs_dir: Path, version: str):
+    def create(cls, plan: DevicePlan, models_dir: Path, db: Database, outputs_dir: Path, version: str,
+               styles_path: Path | None = None):  # fmt: skip
         # diffusers' lazy module is not safe to import from two threads at once: import what the
         # workers use here, once, before any of them runs (the executor calls this under a lock).
         import diffusers  # noqa: F401
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline  # noqa: F401
+        from diffusers import (  # noqa: F401
+            AutoencoderKL,
+            AutoPipelineForImage2Image,
+            AutoPipelineForInpainting,
+            AutoPipelineForText2Image,
+            ControlNetModel,
+            StableDiffusionImg2ImgPipeline,
+            StableDiffusionPipeline,
+        )
 
-        return cls(plan, ModelManager(models_dir, plan, HashCache(db)), db, outputs_dir, version)
+        return cls(plan, ModelManager(models_dir, plan, HashCache(db)), db, outputs_dir, version, styles_path)
 
     def step_callback(self, emit: Callable[[dict], None], is_cancelled: Callable[[], bool], step_offset: int,
                       total: int, started: float, previews: bool = True):  # fmt: skip

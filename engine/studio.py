@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from engine.demo_model import DEMO_MODEL_NAME, ensure_demo_model
-from engine.errors import InputError
+from engine.errors import InputError, NotFoundError
 from engine.jobs import JOB_KINDS, InProcessExecutor, JobService
 from engine.paths import ModelRoots, within
 from engine.pipelines import lora_format, model_label
-from engine.requests import MAX_SEED, GenerateRequest
+from engine.prompts import extract_lora_tags
+from engine.requests import MAX_SEED, GenerateRequest, parse_loras
 from engine.settings import Settings
 from engine.store import Database, Job
+from engine.styles import StyleBook
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ class Studio:
         ver = app_version()
 
         def runtime_factory(device: str):
-            return WorkerRuntime.create(plan, settings.models_dir, db, settings.outputs_dir, ver)
+            return WorkerRuntime.create(plan, settings.models_dir, db, settings.outputs_dir, ver,
+                                        settings.data_dir / "styles.csv")  # fmt: skip
 
         executor = InProcessExecutor(jobs, [plan.device], settings.jobs_per_device, runtime_factory)
         jobs.attach(executor)
@@ -101,18 +104,58 @@ class Studio:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
         if not values.get("model"):
             values["model"] = self.default_model()
-        init = values.get("init_image")
-        if init:
-            if not any(within(root, Path(init)) for root in self.allowed_input_roots()):
-                raise InputError("init_image must be an uploaded file; server paths are not accepted")
-            values["init_image"] = str(Path(init).resolve())
+        if values.get("subseed") is None or int(values["subseed"]) == -1:
+            values["subseed"] = secrets.randbelow(MAX_SEED + 1)
+        for key in ("init_image", "mask_image", "control_image"):
+            if values.get(key):
+                values[key] = self.checked_upload(values[key], key)
+        # <lora:name:weight> in the prompt joins the LoRA list (the prompt's weight wins for a name given twice)
+        _, tags = extract_lora_tags(values.get("prompt") or "")
+        if tags:
+            merged = {s.name: s.weight for s in parse_loras(values.get("loras"))}
+            merged.update(tags)
+            values["loras"] = [{"name": n, "weight": w} for n, w in merged.items()]
         req = GenerateRequest.build(**values)
         models = self.roots.list_diffusers_folders()
         self.roots.resolve("diffusers", req.model, models)  # unknown model -> NotFoundError now, not later
         loras = self.roots.list_files("loras")
         for spec in req.loras:
             lora_format(self.roots.resolve("loras", spec.name, loras))  # LyCORIS etc. refused here
+        if req.vae:
+            self.roots.resolve("vae", req.vae, self.roots.list_files("vae"))
+        if req.controlnet and req.controlnet not in self.controlnet_names():
+            raise NotFoundError(f"controlnet {req.controlnet!r} not found; available: "
+                                f"{', '.join(self.controlnet_names()) or 'none (put models in models/controlnet)'}")
+        styles = self.styles()
+        for name in req.styles:
+            styles.get(name)
+        if req.enable_hr and req.hr_upscaler not in self.hires_upscalers():
+            raise InputError(f"hr_upscaler={req.hr_upscaler!r}; allowed: {', '.join(self.hires_upscalers())}")
         return req
+
+    def checked_upload(self, path: str, what: str) -> str:
+        """Inputs must be files Gradio received (or our own outputs), never arbitrary server paths."""
+        if not any(within(root, Path(path)) for root in self.allowed_input_roots()):
+            raise InputError(f"{what} must be an uploaded file; server paths are not accepted")
+        return str(Path(path).resolve())
+
+    def styles(self) -> StyleBook:
+        return StyleBook(self.settings.data_dir / "styles.csv")
+
+    def hires_upscalers(self) -> list[str]:
+        return ["Latent", "Latent (nearest)", "Lanczos", *sorted(self.roots.list_files("upscale_models"))]
+
+    def vae_names(self) -> list[str]:
+        return sorted(self.roots.list_files("vae"))
+
+    def controlnet_names(self) -> list[str]:
+        names = {n for n, p in self.roots.list_files("controlnet").items() if not (p.parent / "config.json").exists()}
+        for folder in self.roots.folders("controlnet"):
+            names |= {p.parent.relative_to(folder).as_posix() for p in folder.rglob("config.json")}
+        return sorted(names)
+
+    def embedding_names(self) -> list[str]:
+        return sorted(Path(n).name for n in self.roots.list_files("embeddings"))
 
     def submit_generate(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         return self.jobs.submit("generate", self.build_generate_request(values), owner=owner)

@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.factories import AppProcess, save_diffusers_lora, save_kohya_lora, save_loha
+from tests.factories import (
+    AppProcess,
+    save_controlnet,
+    save_diffusers_lora,
+    save_embedding_pt,
+    save_kohya_lora,
+    save_loha,
+    save_vae_file,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -23,6 +31,9 @@ def models_dir(tmp_path_factory) -> Path:
     save_kohya_lora(root / "loras" / "kohya_style.safetensors", model_dir, seed=1)
     save_diffusers_lora(root / "loras" / "peft_style.safetensors", model_dir, seed=2)
     save_loha(root / "loras" / "some_loha.safetensors")
+    save_vae_file(root / "vae" / "tinyvae.safetensors", model_dir)
+    save_embedding_pt(root / "embeddings" / "nova-style.pt")
+    save_controlnet(root / "controlnet" / "tiny-canny", model_dir)
     return root
 
 

@@ -131,3 +131,46 @@ class AppProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+
+
+def save_vae_file(path: Path, model_dir: Path, seed: int = 3) -> Path:
+    """A VAE single file (diffusers key names) that fits the demo model, with perturbed decoder weights
+    so the output visibly changes."""
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    vae = AutoencoderKL.from_pretrained(model_dir / "vae")
+    torch.manual_seed(seed)
+    sd = {k: (v + 0.05 * torch.randn_like(v) if k.startswith("decoder.") else v).contiguous()
+          for k, v in vae.state_dict().items()}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def save_embedding_pt(path: Path, vectors: int = 2, dim: int = 32, seed: int = 4) -> Path:
+    """A textual-inversion embedding in A1111's .pt layout (string_to_param)."""
+    import torch
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"string_to_param": {"*": torch.randn(vectors, dim)}, "name": path.stem, "step": 100}, path)
+    return path
+
+
+def save_controlnet(folder: Path, model_dir: Path, seed: int = 5) -> Path:
+    """A tiny ControlNet built from the demo UNet (diffusers folder), with its zero convs made non-zero so
+    the control image changes the result."""
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in cn.named_parameters():
+            if "zero_conv" in name or "controlnet_" in name:
+                p.copy_(torch.randn_like(p) * 0.1)
+    cn.save_pretrained(folder)
+    return folder
