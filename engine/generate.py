@@ -277,7 +277,10 @@ def save_generated(
         "dtype": rt.plan.dtype,
     }
     day = utcnow().strftime("%Y-%m-%d")
-    path = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{index:03d}-{seed}.png"
+    # A job may save through several generate calls (X/Y/Z plot): number files per job, not per call.
+    n = ctx.extra.get("images_saved", 0)
+    ctx.extra["images_saved"] = n + 1
+    path = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-{seed}.png"
     save_png(image, path, {"parameters": infotext, "studionova": json.dumps(recipe, ensure_ascii=False)})
     asset = Asset(kind="image", path=str(path), sha256=sha256_file(path), size=path.stat().st_size,
                   width=image.width, height=image.height, job_id=ctx.job_id)  # fmt: skip

@@ -62,6 +62,7 @@ class JobKind:
 
 JOB_KINDS: dict[str, JobKind] = {
     "generate": JobKind("engine.generate:run_generate_job", "engine.requests:GenerateRequest"),
+    "xyz_plot": JobKind("engine.xyz:run_xyz_job", "engine.xyz:XYZPlotRequest"),
 }
 
 

@@ -133,6 +133,29 @@ class Studio:
             raise InputError(f"hr_upscaler={req.hr_upscaler!r}; allowed: {', '.join(self.hires_upscalers())}")
         return req
 
+    def build_xyz_request(self, base_values: dict[str, Any], axes: dict[str, Any]):
+        """X/Y/Z plot: the base recipe validated like a generation, then every cell validated too."""
+        from engine.xyz import XYZPlotRequest
+
+        from engine.xyz import parse_values
+
+        base = self.build_generate_request({**base_values, "batch_size": 1, "batch_count": 1})
+        axes = dict(axes)
+        for key in ("x", "y", "z"):  # A1111: a seed of -1 on an axis means a random one, fixed now
+            if axes.get(f"{key}_type") in ("Seed", "Var. seed"):
+                vals = parse_values(axes[f"{key}_type"], axes.get(f"{key}_values", ""))
+                axes[f"{key}_values"] = ", ".join(str(secrets.randbelow(MAX_SEED + 1) if v == -1 else v) for v in vals)
+        req = XYZPlotRequest.build(base=base, **axes)
+        models = self.roots.list_diffusers_folders()
+        for _, cell in req.cells():
+            self.roots.resolve("diffusers", cell.model, models)
+            if cell.vae:
+                self.roots.resolve("vae", cell.vae, self.roots.list_files("vae"))
+        return req
+
+    def submit_xyz(self, base_values: dict[str, Any], axes: dict[str, Any], owner: str = "anonymous"):
+        return self.jobs.submit("xyz_plot", self.build_xyz_request(base_values, axes), owner=owner)
+
     def checked_upload(self, path: str, what: str) -> str:
         """Inputs must be files Gradio received (or our own outputs), never arbitrary server paths."""
         if not any(within(root, Path(path)) for root in self.allowed_input_roots()):

@@ -222,3 +222,36 @@ def test_controlnet_with_canny_preprocessing(studio, source):
     assert "Model: tiny-canny" in info["ControlNet 0"]
     with pytest.raises(InputError, match="control_image"):
         studio.build_generate_request({"prompt": "x", "controlnet": "tiny-canny"})
+
+
+# --- X/Y/Z plot -------------------------------------------------------------------------------------
+def test_xyz_values_parse_like_a1111():
+    from engine.xyz import parse_values
+
+    assert parse_values("Steps", "1-5") == [1, 2, 3, 4, 5]
+    assert parse_values("Steps", "1-10 (+3)") == [1, 4, 7, 10]
+    assert parse_values("CFG Scale", "5-7 [5]") == [5.0, 5.5, 6.0, 6.5, 7.0]
+    assert parse_values("Sampler", 'Euler, "DPM++ 2M Karras"') == ["Euler", "DPM++ 2M Karras"]
+    with pytest.raises(InputError, match="Steps axis: 'ten'"):
+        parse_values("Steps", "1, ten")
+    with pytest.raises(InputError, match="allowed: Nothing, Seed"):
+        parse_values("Colour", "1")
+
+
+def test_xyz_grid_cells_equal_single_renders(studio):
+    base = {"prompt": "a red fox, portrait", "negative_prompt": "blurry", "width": 64, "height": 64,
+            "seed": 5, "sampler": "Euler"}  # fmt: skip
+    job_id, _ = studio.submit_xyz(base, {"x_type": "Steps", "x_values": "2, 3",
+                                         "y_type": "Prompt S/R", "y_values": "fox, cat"})  # fmt: skip
+    last = list(studio.watch(job_id))[-1]
+    assert last["type"] == "done", last
+    (grid,) = last["result"]["grids"]
+    assert Image.open(grid["path"]).size[0] >= 128 and len(grid["cells"]) == 4
+    cells = {(c["x"], c["y"]): c["path"] for c in grid["cells"]}
+    single = run(studio, **{**base, "steps": 3, "prompt": "a red cat, portrait"})
+    cell = np.asarray(Image.open(cells[(1, 1)]).convert("RGB"), dtype=np.int16)
+    assert np.array_equal(cell, pixels(single))
+    with pytest.raises(InputError, match="Prompt S/R"):
+        studio.build_xyz_request(base, {"x_type": "Prompt S/R", "x_values": "dog, cat"})
+    with pytest.raises(InputError, match="cells; at most"):
+        studio.build_xyz_request(base, {"x_type": "Seed", "x_values": "1-20", "y_type": "Steps", "y_values": "1-6"})
