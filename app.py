@@ -77,7 +77,7 @@ def build_app(studio, settings: Settings):
         )
         with gr.Tabs():
             with gr.Tab("Generate", id="generate"):
-                generate_tab.build(ctx)
+                ctx.form = generate_tab.build(ctx)
             with gr.Tab("Jobs", id="jobs"):
                 jobs_tab.build(ctx)
     demo.queue(api_open=False, max_size=settings.max_queue, default_concurrency_limit=4)

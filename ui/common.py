@@ -24,6 +24,8 @@ class UIContext:
     studio: Studio
     settings: Settings
     job_tokens: gr.BrowserState | None = None  # job id -> cancel token, kept in this browser
+    form: dict | None = None  # the Generate tab's components by request field (for "send to" buttons)
+    tabs: gr.Tabs | None = None
 
 
 @contextmanager

@@ -7,6 +7,7 @@ its events. Closing the browser stops only this watcher; the job keeps running.
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import gradio as gr
 
@@ -23,7 +24,27 @@ def _slider(name: str, label: str, step: float = 1, **extra) -> gr.Slider:
     return name_range_errors(slider, name)
 
 
-def build(ctx: UIContext) -> None:
+MASKED_CONTENT = ["original", "fill", "latent noise", "latent nothing"]
+
+
+def editor_to_inputs(value: dict | None):
+    """gr.ImageEditor value -> (source image, mask): painted pixels on any layer are the mask."""
+    import numpy as np
+    from PIL import Image
+
+    if not value or value.get("background") is None:
+        return gr.skip(), gr.skip()
+    background = value["background"].convert("RGB")
+    alpha = np.zeros((background.height, background.width), dtype=np.uint8)
+    for layer in value.get("layers") or []:
+        a = np.asarray(layer.convert("RGBA").resize(background.size))[..., 3]
+        alpha = np.maximum(alpha, a)
+    mask = Image.fromarray(np.where(alpha > 0, 255, 0).astype(np.uint8), "L")
+    return background, (mask if mask.getbbox() else None)
+
+
+def build(ctx: UIContext) -> dict[str, Any]:
+    """Builds the tab; returns its form components by request field name (for "send to" buttons)."""
     studio = ctx.studio
     with gr.Row():
         with gr.Column(scale=3):
@@ -58,10 +79,68 @@ def build(ctx: UIContext) -> None:
                     lora_pick = gr.Dropdown(studio.lora_names(), label="Add LoRA", value=None)
                     lora_weight = gr.Slider(-2, 2, value=1.0, step=0.05, label="Weight")
                     lora_add = gr.Button("Add", size="sm")
-            with gr.Accordion("img2img", open=False):
+            with gr.Row():
+                styles = gr.Dropdown(studio.styles().names(), multiselect=True, label="Styles", value=[],
+                                     info="saved prompt/negative pairs (A1111 styles.csv)")  # fmt: skip
+                vae = gr.Dropdown(["", *studio.vae_names()], value="", label="VAE",
+                                  info="empty = the model's own; files in models/vae")  # fmt: skip
+            with gr.Accordion("Save style", open=False), gr.Row():
+                style_name = gr.Textbox(label="Style name", value="")
+                style_save = gr.Button("Save prompt + negative as style", size="sm")
+            with gr.Accordion("img2img / inpaint / outpaint", open=False):
                 init_image = gr.Image(label="Source image (leave empty for txt2img)", type="filepath",
-                                      sources=["upload", "clipboard"], image_mode="RGB", format="png")  # fmt: skip
+                                      sources=["upload", "clipboard"], image_mode="RGB", format="png",
+                                      elem_id="init_image")  # fmt: skip
                 denoise = _slider("denoising_strength", "Denoising strength", step=0.01)
+                editor = gr.ImageEditor(label="Inpaint: upload a source and paint the area to change",
+                                        type="pil", brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                                        format="png", elem_id="inpaint_editor")  # fmt: skip
+                mask_image = gr.Image(label="Mask (white = repaint); filled from the editor or uploaded",
+                                      type="filepath", image_mode="L", format="png", elem_id="mask_image")  # fmt: skip
+                with gr.Row():
+                    mask_blur = _slider("mask_blur", "Mask blur")
+                    masked_content = gr.Radio(MASKED_CONTENT, value="original", label="Masked content")
+                with gr.Row():
+                    only_masked = gr.Checkbox(value=False, label="Inpaint only masked (full resolution)")
+                    inpaint_padding = _slider("inpaint_padding", "Only masked padding, px")
+                with gr.Row():
+                    out_left = _slider("outpaint_left", "Outpaint left", step=8)
+                    out_right = _slider("outpaint_right", "Outpaint right", step=8)
+                    out_up = _slider("outpaint_up", "Outpaint up", step=8)
+                    out_down = _slider("outpaint_down", "Outpaint down", step=8)
+            with gr.Accordion("Hires fix", open=False):
+                enable_hr = gr.Checkbox(value=False, label="Hires fix", elem_id="enable_hr")
+                with gr.Row():
+                    hr_scale = _slider("hr_scale", "Upscale by", step=0.05)
+                    hr_upscaler = gr.Dropdown(studio.hires_upscalers(), value="Latent", label="Upscaler")
+                with gr.Row():
+                    hr_steps = _slider("hr_second_pass_steps", "Hires steps")
+                    hr_denoise = _slider("hr_denoising_strength", "Hires denoising", step=0.01)
+            with gr.Accordion("Variation seed", open=False), gr.Row():
+                subseed = gr.Number(value=-1, precision=0, label="Variation seed", info="-1 = random")
+                subseed_strength = _slider("subseed_strength", "Variation strength", step=0.01)
+            with gr.Accordion("ControlNet", open=False):
+                with gr.Row():
+                    controlnet = gr.Dropdown(["", *studio.controlnet_names()], value="", label="ControlNet model")
+                    control_pre = gr.Radio(["none", "canny"], value="none", label="Preprocessor",
+                                           info="none: the image is already a canny/depth/pose map")  # fmt: skip
+                    cn_scale = _slider("controlnet_scale", "Weight", step=0.05)
+                control_image = gr.Image(label="Control image", type="filepath", format="png")
+            with gr.Accordion("X/Y/Z plot", open=False):
+                from engine.xyz import AXES
+
+                axis_names = list(AXES)
+                with gr.Row():
+                    x_type = gr.Dropdown(axis_names, value="Seed", label="X type")
+                    x_values = gr.Textbox(label="X values", value="", placeholder="1, 2, 3 or 1-5 or 10-30 [3]")
+                with gr.Row():
+                    y_type = gr.Dropdown(axis_names, value="Nothing", label="Y type")
+                    y_values = gr.Textbox(label="Y values", value="")
+                with gr.Row():
+                    z_type = gr.Dropdown(axis_names, value="Nothing", label="Z type")
+                    z_values = gr.Textbox(label="Z values", value="")
+                draw_legend = gr.Checkbox(value=True, label="Draw legend")
+                plot = gr.Button("Plot X/Y/Z", elem_id="xyz_btn")
         with gr.Column(scale=2):
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id="generate_btn")
@@ -80,14 +159,36 @@ def build(ctx: UIContext) -> None:
     def generate(prompt: str, negative_prompt: str = "", seed: float = -1, steps: float = 20, cfg_scale: float = 7.0,
                  width: float = 512, height: float = 512, sampler: str = "Euler a", model: str = "", loras: str = "",
                  batch_size: float = 1, batch_count: float = 1, clip_skip: float = 1, init_image: str | None = None,
-                 denoising_strength: float = 0.75, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
-        """Generate images (txt2img, or img2img when init_image is given). Yields progress; the final
-        value holds the PNG files, the infotext of the first image, the job id and its cancel token."""
+                 denoising_strength: float = 0.75, mask_image: str | None = None, mask_blur: float = 4,
+                 inpaint_only_masked: bool = False, inpaint_padding: float = 32, masked_content: str = "original",
+                 outpaint_left: float = 0, outpaint_right: float = 0, outpaint_up: float = 0,
+                 outpaint_down: float = 0, enable_hr: bool = False, hr_scale: float = 2.0,
+                 hr_upscaler: str = "Latent", hr_second_pass_steps: float = 0, hr_denoising_strength: float = 0.7,
+                 subseed: float = -1, subseed_strength: float = 0.0, vae: str = "", controlnet: str = "",
+                 control_image: str | None = None, control_preprocessor: str = "none",
+                 controlnet_scale: float = 1.0, styles: list[str] | None = None,
+                 request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
+        """Generate images: txt2img; img2img when init_image is given; inpaint with mask_image; outpaint
+        with outpaint_*; hires fix with enable_hr; variation seeds; VAE; ControlNet; saved styles.
+        Prompts use A1111 syntax ((word:1.2), [word], BREAK, <lora:name:weight>, embedding names).
+        Yields progress; the final value holds the PNG files, the infotext of the first image, the job id
+        and its cancel token."""
         values = dict(prompt=prompt, negative_prompt=negative_prompt, seed=int(seed if seed is not None else -1),
                       steps=int(steps), cfg_scale=float(cfg_scale), width=int(width), height=int(height),
                       sampler=sampler, model=model, loras=loras or "", batch_size=int(batch_size),
                       batch_count=int(batch_count), clip_skip=int(clip_skip), init_image=init_image or None,
-                      denoising_strength=float(denoising_strength))  # fmt: skip
+                      denoising_strength=float(denoising_strength), mask_image=mask_image or None,
+                      mask_blur=int(mask_blur), inpaint_only_masked=bool(inpaint_only_masked),
+                      inpaint_padding=int(inpaint_padding), masked_content=masked_content or "original",
+                      outpaint_left=int(outpaint_left), outpaint_right=int(outpaint_right),
+                      outpaint_up=int(outpaint_up), outpaint_down=int(outpaint_down), enable_hr=bool(enable_hr),
+                      hr_scale=float(hr_scale), hr_upscaler=hr_upscaler or "Latent",
+                      hr_second_pass_steps=int(hr_second_pass_steps),
+                      hr_denoising_strength=float(hr_denoising_strength),
+                      subseed=int(subseed if subseed is not None else -1), subseed_strength=float(subseed_strength),
+                      vae=vae or "", controlnet=controlnet or "", control_image=control_image or None,
+                      control_preprocessor=control_preprocessor or "none", controlnet_scale=float(controlnet_scale),
+                      styles=list(styles or []))  # fmt: skip
         with engine_errors():
             jid, token = studio.submit_generate(values, owner=username(request))
         yield [], "", jid, token, f"**queued** · job `{jid}`", None
@@ -121,7 +222,13 @@ def build(ctx: UIContext) -> None:
     fields = dict(prompt=prompt, negative_prompt=negative, seed=seed, steps=steps, cfg_scale=cfg, width=width,
                   height=height, sampler=sampler, model=model, loras=loras, batch_size=batch_size,
                   batch_count=batch_count, clip_skip=clip_skip, init_image=init_image,
-                  denoising_strength=denoise)  # fmt: skip
+                  denoising_strength=denoise, mask_image=mask_image, mask_blur=mask_blur,
+                  inpaint_only_masked=only_masked, inpaint_padding=inpaint_padding, masked_content=masked_content,
+                  outpaint_left=out_left, outpaint_right=out_right, outpaint_up=out_up, outpaint_down=out_down,
+                  enable_hr=enable_hr, hr_scale=hr_scale, hr_upscaler=hr_upscaler,
+                  hr_second_pass_steps=hr_steps, hr_denoising_strength=hr_denoise, subseed=subseed,
+                  subseed_strength=subseed_strength, vae=vae, controlnet=controlnet, control_image=control_image,
+                  control_preprocessor=control_pre, controlnet_scale=cn_scale, styles=styles)  # fmt: skip
     # Inputs bound by parameter name, so the API's named parameters and the form cannot drift apart.
     inputs = [fields[name] for name in inspect.signature(generate).parameters if name in fields]
     outputs = [gallery, infotext, job_id, cancel_token, status, preview]
@@ -139,17 +246,72 @@ def build(ctx: UIContext) -> None:
     stop.click(cancel_current, [job_id, cancel_token], [status], **PRIVATE)
 
     def refresh_lists():
-        return gr.update(choices=studio.model_choices()), gr.update(choices=studio.lora_names())
+        return (gr.update(choices=studio.model_choices()), gr.update(choices=studio.lora_names()),
+                gr.update(choices=["", *studio.vae_names()]), gr.update(choices=["", *studio.controlnet_names()]),
+                gr.update(choices=studio.hires_upscalers()), gr.update(choices=studio.styles().names()))  # fmt: skip
 
-    refresh.click(refresh_lists, None, [model, lora_pick], **PRIVATE)
+    refresh.click(refresh_lists, None, [model, lora_pick, vae, controlnet, hr_upscaler, styles], **PRIVATE)
+    editor.change(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)
+
+    def save_style(name: str, prompt: str, negative_prompt: str):
+        with engine_errors():
+            studio.styles().save(name, prompt, negative_prompt)
+        gr.Info(f"style {name!r} saved")
+        return gr.update(choices=studio.styles().names())
+
+    style_save.click(save_style, [style_name, prompt, negative], [styles], **PRIVATE)
+
+    def xyz_plot(x_type: str, x_values: str, y_type: str = "Nothing", y_values: str = "", z_type: str = "Nothing",
+                 z_values: str = "", draw_legend: bool = True, prompt: str = "", negative_prompt: str = "",
+                 seed: float = -1, steps: float = 20, cfg_scale: float = 7.0, width: float = 512,
+                 height: float = 512, sampler: str = "Euler a", model: str = "", loras: str = "",
+                 clip_skip: float = 1, vae: str = "", styles: list[str] | None = None, enable_hr: bool = False,
+                 hr_scale: float = 2.0, hr_upscaler: str = "Latent", request: gr.Request = None,
+                 progress=gr.Progress()):  # fmt: skip
+        """X/Y/Z plot: render the recipe over up to three axes (A1111 axis names and value forms) into a
+        labelled grid per Z value. Returns the grid files, the job id and its cancel token."""
+        base = dict(prompt=prompt, negative_prompt=negative_prompt, seed=int(seed if seed is not None else -1),
+                    steps=int(steps), cfg_scale=float(cfg_scale), width=int(width), height=int(height),
+                    sampler=sampler, model=model, loras=loras or "", clip_skip=int(clip_skip), vae=vae or "",
+                    styles=list(styles or []), enable_hr=bool(enable_hr), hr_scale=float(hr_scale),
+                    hr_upscaler=hr_upscaler or "Latent")  # fmt: skip
+        axes = dict(x_type=x_type, x_values=x_values or "", y_type=y_type or "Nothing", y_values=y_values or "",
+                    z_type=z_type or "Nothing", z_values=z_values or "", draw_legend=bool(draw_legend))  # fmt: skip
+        with engine_errors():
+            jid, token = studio.submit_xyz(base, axes, owner=username(request))
+        yield [], jid, token, f"**queued** · X/Y/Z plot `{jid}`"
+        for event in studio.watch(jid):
+            if event["type"] == "progress":
+                progress((event["step"], event["total"]), desc=event.get("desc", ""))
+            elif event["type"] == "done":
+                grids = event["result"]["grids"]
+                yield ([(g["path"], g["z"] or "grid") for g in grids], jid, token,
+                       f"**succeeded** · {len(grids)} grid(s), {len(event['result']['images'])} cells")  # fmt: skip
+            elif event["type"] == "cancelled":
+                yield [], jid, token, "**cancelled**"
+                return
+            elif event["type"] in ("failed", "interrupted"):
+                raise gr.Error(f"job {jid} {event['type']}: {event.get('error', '')}", title="X/Y/Z plot failed")
+
+    xyz_fields = {**fields, "x_type": x_type, "x_values": x_values, "y_type": y_type, "y_values": y_values,
+                  "z_type": z_type, "z_values": z_values, "draw_legend": draw_legend}  # fmt: skip
+    xyz_inputs = [xyz_fields[name] for name in inspect.signature(xyz_plot).parameters if name in xyz_fields]
+    plot.click(xyz_plot, xyz_inputs, [gallery, job_id, cancel_token, status], api_name="xyz_plot",
+               concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID)  # fmt: skip
 
     def list_models() -> dict:
-        """Models (name + label), LoRAs and samplers this server accepts in /generate."""
+        """Everything /generate accepts by name: models (name + label), LoRAs, samplers, VAEs, ControlNets,
+        embeddings, hires upscalers and saved styles."""
         return {
             "models": [{"name": name, "label": label} for label, name in studio.model_choices()],
             "default_model": studio.default_model(),
             "loras": studio.lora_names(),
             "samplers": list(SAMPLER_NAMES),
+            "vaes": studio.vae_names(),
+            "controlnets": studio.controlnet_names(),
+            "embeddings": studio.embedding_names(),
+            "hires_upscalers": studio.hires_upscalers(),
+            "styles": studio.styles().names(),
         }
 
     listing = gr.JSON(visible=False, label="models")
@@ -162,6 +324,7 @@ def build(ctx: UIContext) -> None:
         return f"{current}, {entry}" if current and current.strip() else entry
 
     lora_add.click(add_lora, [loras, lora_pick, lora_weight], [loras], **PRIVATE)
+    return fields
 
 
 def _remember_token(jid: str, token: str, tokens: dict | None) -> dict:
