@@ -17,7 +17,7 @@ from engine.artifacts import save_png, sha256_file
 from engine.errors import InputError
 from engine.infotext import build_infotext
 from engine.jobs import RunContext
-from engine.prompts import encode_prompts, extract_lora_tags
+from engine.prompts import encode_prompts, extract_lora_tags, is_sdxl
 from engine.requests import GeneratedImage, GenerateRequest, GenerateResult
 from engine.samplers import SAMPLERS, make_scheduler
 from engine.store import Asset, Generation, utcnow
@@ -90,6 +90,8 @@ def a1111_params(req: GenerateRequest, seed: int, model_name: str, model_hash: s
         params["Denoising strength"] = f"{req.hr_denoising_strength:g}"
         params.update({"Hires upscale": f"{req.hr_scale:g}", "Hires steps": req.hr_second_pass_steps or None,
                        "Hires upscaler": req.hr_upscaler})  # fmt: skip
+    if extras.get("refiner"):
+        params.update({"Refiner": extras["refiner"], "Refiner switch at": f"{req.refiner_switch_at:g}"})
     if req.controlnet:
         params["ControlNet 0"] = (f"Module: {req.control_preprocessor}, Model: {req.controlnet} "
                                   f"[{extras.get('controlnet_hash', '')}], Weight: {req.controlnet_scale:g}")  # fmt: skip
@@ -99,12 +101,18 @@ def a1111_params(req: GenerateRequest, seed: int, model_name: str, model_hash: s
     return params
 
 
-def _sampling_steps(req: GenerateRequest) -> tuple[int, int]:
-    """(first pass, hires pass) steps actually run, as diffusers' img2img counts them."""
+def _sampling_steps(req: GenerateRequest) -> tuple[int, int, int]:
+    """(first pass, refiner, hires pass) steps actually run, as diffusers counts them."""
     first = req.steps if not req.init_image else max(1, int(req.steps * req.denoising_strength))
+    refine = req.steps - int(req.steps * req.refiner_switch_at) if uses_refiner(req) else 0
+    hires = 0
     if req.enable_hr and not req.init_image:
-        return first, max(1, int((req.hr_second_pass_steps or req.steps) * req.hr_denoising_strength))
-    return first, 0
+        hires = max(1, int((req.hr_second_pass_steps or req.steps) * req.hr_denoising_strength))
+    return first - refine, refine, hires
+
+
+def uses_refiner(req: GenerateRequest) -> bool:
+    return bool(req.refiner) and not req.init_image and req.refiner_switch_at < 1.0
 
 
 def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True) -> GenerateResult:
@@ -129,8 +137,17 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
     pipe.scheduler = make_scheduler(req.sampler, model.base_scheduler_config)  # per call: the next one is clean
     rt.models.configure_for_size(model, *req.output_size)
 
-    first, second = _sampling_steps(req)
-    total = (first + second) * req.batch_count
+    first, refine, second = _sampling_steps(req)
+    per_batch = first + refine + second
+    total = per_batch * req.batch_count
+    refiner = rt.models.get_refiner(req.refiner) if uses_refiner(req) else None
+    if refiner is not None:
+        extras["refiner"] = f"{refiner.name} [{refiner.model_hash}]"
+        if not is_sdxl(model.pipe):
+            raise InputError(f"refiner needs an SDXL base model; {model.name!r} is not SDXL")
+        with torch.inference_mode():
+            refiner_embeds = encode_prompts(refiner.pipe, extract_lora_tags(prompt)[0],
+                                            extract_lora_tags(negative)[0], req.clip_skip)  # fmt: skip
     started = time.monotonic()
     with torch.inference_mode():
         embeds = encode_prompts(pipe, extract_lora_tags(prompt)[0], extract_lora_tags(negative)[0], req.clip_skip)
@@ -138,12 +155,16 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
     for batch in range(req.batch_count):
         seeds = [req.seed + batch * req.batch_size + i for i in range(req.batch_size)]
         ctx.check_cancelled()
-        offset = batch * (first + second)
+        offset = batch * per_batch
         callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset, total, started, previews)
         try:
             out = _sample(req, rt, model, pipe, prep, embeds, seeds, callback)
-            if second:
+            if refiner is not None:
                 callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset + first, total, started, previews)
+                out = _refiner_pass(req, refiner, model, out, refiner_embeds, seeds, callback)
+            if second:
+                callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset + first + refine, total, started,
+                                            previews)  # fmt: skip
                 out = _hires_pass(req, rt, model, out, embeds, seeds, callback)
         except Exception as e:
             if rt.is_out_of_memory(e):
@@ -211,12 +232,43 @@ def _call_kwargs(req: GenerateRequest, pipe, prep: Prepared, embeds: dict, seeds
 def _sample(req, rt, model, pipe, prep: Prepared, embeds, seeds, callback) -> list:
     kwargs = _call_kwargs(req, pipe, prep, embeds, seeds, callback)
     hires = req.enable_hr and prep.task == "txt2img"
-    if hires and req.hr_upscaler in modes.HIRES_LATENT_MODES:
+    if (hires and req.hr_upscaler in modes.HIRES_LATENT_MODES) or uses_refiner(req):
         kwargs["output_type"] = "latent"
+    if uses_refiner(req):
+        kwargs["denoising_end"] = req.refiner_switch_at
     import torch
 
     with torch.inference_mode():
         return list(pipe(**kwargs).images)
+
+
+def _refiner_pass(req, refiner, model, latents: list, embeds, seeds, callback) -> list:
+    """SDXL base -> refiner switch-over: the refiner finishes the same noise schedule from the switch point."""
+    import torch
+
+    pipe = refiner.pipe
+    pipe.scheduler = make_scheduler(req.sampler, refiner.base_scheduler_config)
+    kwargs = {
+        **embeds,
+        "image": torch.stack(latents),
+        "denoising_start": req.refiner_switch_at,
+        "num_inference_steps": req.steps,
+        "guidance_scale": req.cfg_scale,
+        "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+        "callback_on_step_end": callback,
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+    if req.enable_hr and req.hr_upscaler in modes.HIRES_LATENT_MODES:
+        kwargs["output_type"] = "latent"
+    kwargs = _repeat_embeds(kwargs, len(seeds))
+    with torch.inference_mode():
+        return list(pipe(**kwargs).images)
+
+
+def _repeat_embeds(kwargs: dict, n: int) -> dict:
+    if n == 1:
+        return kwargs
+    return {k: (v.repeat(n, *[1] * (v.dim() - 1)) if k.endswith("embeds") else v) for k, v in kwargs.items()}
 
 
 def _hires_pass(req, rt, model, first: list, embeds, seeds, callback) -> list:
@@ -244,9 +296,7 @@ def _hires_pass(req, rt, model, first: list, embeds, seeds, callback) -> list:
         "callback_on_step_end": callback,
         "callback_on_step_end_tensor_inputs": ["latents"],
     }
-    if len(seeds) > 1:
-        kwargs = {k: (v.repeat(len(seeds), *[1] * (v.dim() - 1)) if k.endswith("embeds") else v)
-                  for k, v in kwargs.items()}  # fmt: skip
+    kwargs = _repeat_embeds(kwargs, len(seeds))
     with torch.inference_mode():
         return list(pipe(**kwargs).images)
 

@@ -7,6 +7,7 @@ file hash as named PEFT adapters and switched with `set_adapters`, never by relo
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -22,6 +23,11 @@ from engine.paths import ModelRoots
 from engine.requests import LoraSpec
 
 log = logging.getLogger(__name__)
+
+# diffusers pipeline classes a model folder may hold (model_index.json "_class_name")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
+                       "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
+                       "StableDiffusionXLInpaintPipeline")  # fmt: skip
 
 # Key fragments of adapter types diffusers' LoRA loader cannot apply (LyCORIS family).
 _LYCORIS_MARKERS = {
@@ -85,6 +91,7 @@ class ModelManager:
         self.plan = plan
         self.hashes = hashes
         self.loaded: LoadedModel | None = None
+        self.refiner: LoadedModel | None = None
         self.load_count = 0
         self._lock = threading.RLock()
         self._controlnets: dict[str, Any] = {}
@@ -116,17 +123,26 @@ class ModelManager:
             return self.loaded
 
     def _load(self, name: str, path: Path, mhash: str) -> LoadedModel:
-        from diffusers import StableDiffusionPipeline
+        from diffusers import DiffusionPipeline
 
         log.info("loading %s (%s) on %s/%s", name, mhash, self.plan.device, self.plan.dtype)
-        pipe = StableDiffusionPipeline.from_pretrained(
+        index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
+        cls = index.get("_class_name", "")
+        if cls not in SUPPORTED_PIPELINES:
+            raise InputError(f"model {name!r} is a {cls or 'unknown'} pipeline; supported: "
+                             f"{', '.join(SUPPORTED_PIPELINES)}")  # fmt: skip
+        extra = {"safety_checker": None, "requires_safety_checker": False} if cls.startswith("StableDiffusion") and \
+            "XL" not in cls else {}  # fmt: skip
+        pipe = DiffusionPipeline.from_pretrained(
             path,
             dtype=self.plan.torch_dtype(),
             local_files_only=True,
-            safety_checker=None,
-            requires_safety_checker=False,
             use_safetensors=any(path.rglob("*.safetensors")),
+            **extra,
         )
+        return self._finish_load(name, path, mhash, pipe)
+
+    def _finish_load(self, name: str, path: Path, mhash: str, pipe) -> LoadedModel:
         base_config = dict(pipe.scheduler.config)
         if self.plan.cpu_offload:
             pipe.enable_model_cpu_offload(device=self.plan.device)
@@ -136,8 +152,25 @@ class ModelManager:
         self.load_count += 1
         return LoadedModel(name, path, mhash, model_label(name, path), pipe, base_config)
 
+    def get_refiner(self, name: str) -> LoadedModel:
+        """An SDXL refiner kept beside the main model (A1111's refiner switch-over)."""
+        with self._lock:
+            path = self.roots.resolve("diffusers", name, self.models())
+            mhash = self.model_hash(path)
+            if self.refiner and self.refiner.model_hash == mhash:
+                return self.refiner
+            self.refiner = None
+            free_memory(self.plan.device)
+            refiner = self._load(name, path, mhash)
+            if type(refiner.pipe).__name__ != "StableDiffusionXLImg2ImgPipeline" or \
+                    getattr(refiner.pipe, "text_encoder", None) is not None:  # fmt: skip
+                raise InputError(f"refiner {name!r} is not an SDXL refiner (a {type(refiner.pipe).__name__})")
+            self.refiner = refiner
+            return refiner
+
     def unload(self) -> None:
         with self._lock:
+            self.refiner = None
             if self.loaded is None:
                 return
             self.loaded = None

@@ -196,19 +196,39 @@ def _compel_sd(pipe, clip_skip: int):
     )
 
 
-def _compel_sdxl(pipe):
+def _compel_sdxl(pipe) -> list:
+    """One compel per SDXL text encoder (compel's recommended layout); the last one gives the pooled
+    embedding. A refiner has only text_encoder_2."""
     from compel import Compel, ReturnedEmbeddingsType
 
-    tokenizers = [t for t in (pipe.tokenizer, pipe.tokenizer_2) if t is not None]
-    encoders = [e for e in (pipe.text_encoder, pipe.text_encoder_2) if e is not None]
-    return Compel(
-        tokenizer=tokenizers,
-        text_encoder=encoders,
-        returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
-        requires_pooled=[False] * (len(encoders) - 1) + [True],
-        truncate_long_prompts=False,
-        device=str(execution_device(pipe)),
+    pairs = [(t, e) for t, e in ((pipe.tokenizer, pipe.text_encoder), (pipe.tokenizer_2, pipe.text_encoder_2))
+             if t is not None and e is not None]  # fmt: skip
+    return [
+        Compel(tokenizer=t, text_encoder=e,
+               returned_embeddings_type=ReturnedEmbeddingsType.PENULTIMATE_HIDDEN_STATES_NON_NORMALIZED,
+               requires_pooled=i == len(pairs) - 1, truncate_long_prompts=False, device=str(execution_device(pipe)))
+        for i, (t, e) in enumerate(pairs)
+    ]  # fmt: skip
+
+
+def _encode_sdxl(pipe, prompt: str, negative_prompt: str) -> dict:
+    import torch
+
+    compels = _compel_sdxl(pipe)
+    pos_parts, neg_parts = [], []
+    for c in compels:
+        pos = c.build_conditioning_tensor_for_conjunction(_conjunction(prompt))[0]
+        neg = c.build_conditioning_tensor_for_conjunction(_conjunction(negative_prompt))[0]
+        pos, neg = c.pad_conditioning_tensors_to_same_length([pos, neg])
+        pos_parts.append(pos)
+        neg_parts.append(neg)
+    if len({p.shape[1] for p in pos_parts}) != 1:
+        raise InputError("prompt tokenizes to a different number of chunks for the two SDXL text encoders")
+    pooled = compels[-1].conditioning_provider.get_pooled_embeddings(
+        [plain_text(prompt), plain_text(negative_prompt)], device=compels[-1].device
     )
+    return {"prompt_embeds": torch.cat(pos_parts, dim=-1), "negative_prompt_embeds": torch.cat(neg_parts, dim=-1),
+            "pooled_prompt_embeds": pooled[:1], "negative_pooled_prompt_embeds": pooled[1:]}  # fmt: skip
 
 
 def execution_device(pipe):
@@ -229,15 +249,7 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> d
 
     with torch.inference_mode():
         if is_sdxl(pipe):
-            compel = _compel_sdxl(pipe)
-            pos = compel.build_conditioning_tensor_for_conjunction(_conjunction(prompt))[0]
-            neg = compel.build_conditioning_tensor_for_conjunction(_conjunction(negative_prompt))[0]
-            pos, neg = compel.pad_conditioning_tensors_to_same_length([pos, neg])
-            pooled = compel.conditioning_provider.get_pooled_embeddings(
-                [plain_text(prompt), plain_text(negative_prompt)], device=compel.device
-            )
-            return {"prompt_embeds": pos, "negative_prompt_embeds": neg,
-                    "pooled_prompt_embeds": pooled[:1], "negative_pooled_prompt_embeds": pooled[1:]}  # fmt: skip
+            return _encode_sdxl(pipe, prompt, negative_prompt)
         compel = _compel_sd(pipe, clip_skip)
         pos = compel.build_conditioning_tensor_for_conjunction(_conjunction(prompt))[0]
         neg = compel.build_conditioning_tensor_for_conjunction(_conjunction(negative_prompt))[0]

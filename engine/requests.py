@@ -130,6 +130,9 @@ class GenerateRequest(_Request):
     )  # fmt: skip
     hr_second_pass_steps: int = Field(default=0, ge=0, le=150, description="Hires steps (0 = same as steps)")
     hr_denoising_strength: float = Field(default=0.7, ge=0.0, le=1.0, description="Hires fix denoising strength")
+    # --- SDXL refiner ---
+    refiner: str = Field(default="", max_length=200, description="SDXL refiner model (empty = none)")
+    refiner_switch_at: float = Field(default=0.8, ge=0.01, le=1.0, description="Switch to the refiner at this fraction")
     # --- variation seed (A1111 "Extra") ---
     subseed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="Variation seed (-1 = random)")
     subseed_strength: float = Field(default=0.0, ge=0.0, le=1.0, description="Variation strength (0 = off)")

@@ -123,6 +123,8 @@ class Studio:
             lora_format(self.roots.resolve("loras", spec.name, loras))  # LyCORIS etc. refused here
         if req.vae:
             self.roots.resolve("vae", req.vae, self.roots.list_files("vae"))
+        if req.refiner:
+            self.roots.resolve("diffusers", req.refiner, models)
         if req.controlnet and req.controlnet not in self.controlnet_names():
             raise NotFoundError(f"controlnet {req.controlnet!r} not found; available: "
                                 f"{', '.join(self.controlnet_names()) or 'none (put models in models/controlnet)'}")
@@ -135,9 +137,7 @@ class Studio:
 
     def build_xyz_request(self, base_values: dict[str, Any], axes: dict[str, Any]):
         """X/Y/Z plot: the base recipe validated like a generation, then every cell validated too."""
-        from engine.xyz import XYZPlotRequest
-
-        from engine.xyz import parse_values
+        from engine.xyz import XYZPlotRequest, parse_values
 
         base = self.build_generate_request({**base_values, "batch_size": 1, "batch_count": 1})
         axes = dict(axes)

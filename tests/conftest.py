@@ -7,6 +7,7 @@ import pytest
 
 from tests.factories import (
     AppProcess,
+    build_tiny_sdxl,
     save_controlnet,
     save_diffusers_lora,
     save_embedding_pt,
@@ -34,6 +35,8 @@ def models_dir(tmp_path_factory) -> Path:
     save_vae_file(root / "vae" / "tinyvae.safetensors", model_dir)
     save_embedding_pt(root / "embeddings" / "nova-style.pt")
     save_controlnet(root / "controlnet" / "tiny-canny", model_dir)
+    build_tiny_sdxl().save_pretrained(root / "diffusers" / "tiny-sdxl")
+    build_tiny_sdxl(refiner=True).save_pretrained(root / "diffusers" / "tiny-sdxl-refiner")
     return root
 
 

@@ -174,3 +174,45 @@ def save_controlnet(folder: Path, model_dir: Path, seed: int = 5) -> Path:
                 p.copy_(torch.randn_like(p) * 0.1)
     cn.save_pretrained(folder)
     return folder
+
+
+def build_tiny_sdxl(refiner: bool = False):
+    """A tiny random SDXL base (two text encoders) or refiner (text_encoder_2 only, aesthetic score),
+    at diffusers-test sizes."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from engine.demo_model import build_tokenizer
+
+    torch.manual_seed(7 if refiner else 6)
+    te_cfg = CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32,
+                            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
+                            vocab_size=514, max_position_embeddings=77, projection_dim=32)  # fmt: skip
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=72 if refiner else 80, cross_attention_dim=32 if refiner else 64,
+        norm_num_groups=1,
+    )  # fmt: skip
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        latent_channels=4, sample_size=64, norm_num_groups=32)  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    te2 = CLIPTextModelWithProjection(te_cfg)
+    if refiner:
+        return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None,
+                                                tokenizer_2=build_tokenizer(), unet=unet, scheduler=scheduler,
+                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)  # fmt: skip
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(te_cfg), text_encoder_2=te2,
+                                     tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), unet=unet,
+                                     scheduler=scheduler)  # fmt: skip

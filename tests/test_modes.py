@@ -255,3 +255,22 @@ def test_xyz_grid_cells_equal_single_renders(studio):
         studio.build_xyz_request(base, {"x_type": "Prompt S/R", "x_values": "dog, cat"})
     with pytest.raises(InputError, match="cells; at most"):
         studio.build_xyz_request(base, {"x_type": "Seed", "x_values": "1-20", "y_type": "Steps", "y_values": "1-6"})
+
+
+# --- SDXL and the refiner switch-over ---------------------------------------------------------------
+def test_sdxl_with_refiner_switch_over(studio):
+    base = run(studio, model="tiny-sdxl", seed=81, steps=4, sampler="Euler", prompt="a (fox:1.3), portrait")
+    refined = run(studio, model="tiny-sdxl", seed=81, steps=4, sampler="Euler", prompt="a (fox:1.3), portrait",
+                  refiner="tiny-sdxl-refiner", refiner_switch_at=0.5)  # fmt: skip
+    assert Image.open(refined["images"][0]["path"]).size == (64, 64)
+    assert not np.array_equal(pixels(base), pixels(refined))
+    info = parse_infotext(refined["images"][0]["infotext"])
+    assert info["Refiner"].startswith("tiny-sdxl-refiner [") and info["Refiner switch at"] == "0.5"
+    job_id, _ = studio.submit_generate({"prompt": "x", "steps": 2, "width": 64, "height": 64,
+                                        "refiner": "tiny-sdxl-refiner"})  # fmt: skip
+    last = list(studio.watch(job_id))[-1]
+    assert last["type"] == "failed" and "needs an SDXL base model" in last["error"]
+    job_id, _ = studio.submit_generate({"prompt": "x", "steps": 2, "width": 64, "height": 64, "model": "tiny-sdxl",
+                                        "refiner": "studionova-demo"})  # fmt: skip
+    last = list(studio.watch(job_id))[-1]
+    assert last["type"] == "failed" and "is not an SDXL refiner" in last["error"]

@@ -116,6 +116,10 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 with gr.Row():
                     hr_steps = _slider("hr_second_pass_steps", "Hires steps")
                     hr_denoise = _slider("hr_denoising_strength", "Hires denoising", step=0.01)
+            with gr.Accordion("SDXL refiner", open=False), gr.Row():
+                refiner = gr.Dropdown(["", *[n for _, n in studio.model_choices()]], value="", label="Refiner",
+                                      allow_custom_value=True, info="an SDXL refiner model; empty = none")  # fmt: skip
+                refiner_switch_at = _slider("refiner_switch_at", "Switch at", step=0.01)
             with gr.Accordion("Variation seed", open=False), gr.Row():
                 subseed = gr.Number(value=-1, precision=0, label="Variation seed", info="-1 = random")
                 subseed_strength = _slider("subseed_strength", "Variation strength", step=0.01)
@@ -166,8 +170,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                  hr_upscaler: str = "Latent", hr_second_pass_steps: float = 0, hr_denoising_strength: float = 0.7,
                  subseed: float = -1, subseed_strength: float = 0.0, vae: str = "", controlnet: str = "",
                  control_image: str | None = None, control_preprocessor: str = "none",
-                 controlnet_scale: float = 1.0, styles: list[str] | None = None,
-                 request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
+                 controlnet_scale: float = 1.0, styles: list[str] | None = None, refiner: str = "",
+                 refiner_switch_at: float = 0.8, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
         """Generate images: txt2img; img2img when init_image is given; inpaint with mask_image; outpaint
         with outpaint_*; hires fix with enable_hr; variation seeds; VAE; ControlNet; saved styles.
         Prompts use A1111 syntax ((word:1.2), [word], BREAK, <lora:name:weight>, embedding names).
@@ -188,7 +192,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                       subseed=int(subseed if subseed is not None else -1), subseed_strength=float(subseed_strength),
                       vae=vae or "", controlnet=controlnet or "", control_image=control_image or None,
                       control_preprocessor=control_preprocessor or "none", controlnet_scale=float(controlnet_scale),
-                      styles=list(styles or []))  # fmt: skip
+                      styles=list(styles or []), refiner=refiner or "", refiner_switch_at=float(refiner_switch_at))  # fmt: skip
         with engine_errors():
             jid, token = studio.submit_generate(values, owner=username(request))
         yield [], "", jid, token, f"**queued** · job `{jid}`", None
@@ -228,7 +232,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                   enable_hr=enable_hr, hr_scale=hr_scale, hr_upscaler=hr_upscaler,
                   hr_second_pass_steps=hr_steps, hr_denoising_strength=hr_denoise, subseed=subseed,
                   subseed_strength=subseed_strength, vae=vae, controlnet=controlnet, control_image=control_image,
-                  control_preprocessor=control_pre, controlnet_scale=cn_scale, styles=styles)  # fmt: skip
+                  control_preprocessor=control_pre, controlnet_scale=cn_scale, styles=styles, refiner=refiner,
+                  refiner_switch_at=refiner_switch_at)  # fmt: skip
     # Inputs bound by parameter name, so the API's named parameters and the form cannot drift apart.
     inputs = [fields[name] for name in inspect.signature(generate).parameters if name in fields]
     outputs = [gallery, infotext, job_id, cancel_token, status, preview]
@@ -246,11 +251,11 @@ def build(ctx: UIContext) -> dict[str, Any]:
     stop.click(cancel_current, [job_id, cancel_token], [status], **PRIVATE)
 
     def refresh_lists():
-        return (gr.update(choices=studio.model_choices()), gr.update(choices=studio.lora_names()),
+        return (gr.update(choices=studio.model_choices()), gr.update(choices=["", *[n for _, n in studio.model_choices()]]), gr.update(choices=studio.lora_names()),
                 gr.update(choices=["", *studio.vae_names()]), gr.update(choices=["", *studio.controlnet_names()]),
                 gr.update(choices=studio.hires_upscalers()), gr.update(choices=studio.styles().names()))  # fmt: skip
 
-    refresh.click(refresh_lists, None, [model, lora_pick, vae, controlnet, hr_upscaler, styles], **PRIVATE)
+    refresh.click(refresh_lists, None, [model, refiner, lora_pick, vae, controlnet, hr_upscaler, styles], **PRIVATE)
     editor.change(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)
 
     def save_style(name: str, prompt: str, negative_prompt: str):
