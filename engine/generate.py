@@ -15,8 +15,10 @@ from typing import Any
 from engine import modes
 from engine.artifacts import save_png, sha256_file
 from engine.errors import InputError
+from engine.gallery import ensure_thumbnail, index_generation
 from engine.infotext import build_infotext
 from engine.jobs import RunContext
+from engine.pnginfo import RECIPE_CHUNK
 from engine.prompts import encode_prompts, extract_lora_tags, is_sdxl
 from engine.requests import GeneratedImage, GenerateRequest, GenerateResult
 from engine.samplers import SAMPLERS, make_scheduler
@@ -331,7 +333,7 @@ def save_generated(
     n = ctx.extra.get("images_saved", 0)
     ctx.extra["images_saved"] = n + 1
     path = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-{seed}.png"
-    save_png(image, path, {"parameters": infotext, "studionova": json.dumps(recipe, ensure_ascii=False)})
+    save_png(image, path, {"parameters": infotext, RECIPE_CHUNK: json.dumps(recipe, ensure_ascii=False)})
     asset = Asset(kind="image", path=str(path), sha256=sha256_file(path), size=path.stat().st_size,
                   width=image.width, height=image.height, job_id=ctx.job_id)  # fmt: skip
     gen = Generation(asset_id=asset.id, job_id=ctx.job_id, mode=req.mode, model=model.name,
@@ -339,9 +341,11 @@ def save_generated(
                      steps=req.steps, cfg_scale=req.cfg_scale, sampler=req.sampler, width=image.width,
                      height=image.height, denoising_strength=req.denoising_strength if req.init_image else None,
                      clip_skip=req.clip_skip, loras=recipe["loras"], infotext=infotext, recipe=recipe)  # fmt: skip
+    ensure_thumbnail(path)  # the gallery never opens full images
     with rt.db.session() as s:
         s.add(asset)
         s.add(gen)
+        index_generation(s, gen)
         s.commit()
     return GeneratedImage(
         path=str(path), seed=seed, infotext=infotext, asset_id=asset.id, generation_id=gen.id

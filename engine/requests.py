@@ -156,6 +156,8 @@ class GenerateRequest(_Request):
     @field_validator("loras", mode="before")
     @classmethod
     def _parse_loras(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(item, str) for item in v):
+            return parse_loras(v)
         return parse_loras(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")

@@ -156,6 +156,34 @@ class Studio:
     def submit_xyz(self, base_values: dict[str, Any], axes: dict[str, Any], owner: str = "anonymous"):
         return self.jobs.submit("xyz_plot", self.build_xyz_request(base_values, axes), owner=owner)
 
+    # --- gallery ----------------------------------------------------------------------------------
+    def gallery(self, **query: Any):
+        """A page of the history (filters: text, model, lora, character, date_from, date_to, mode,
+        only_trashed, page, page_size), with thumbnails."""
+        from engine.gallery import GalleryQuery, fill_thumbnails, gallery_page
+
+        return fill_thumbnails(gallery_page(self.db, GalleryQuery(**query)))
+
+    def generation(self, generation_id: str):
+        from engine.gallery import generation_detail
+
+        return generation_detail(self.db, generation_id)
+
+    def trash(self, generation_ids: list[str]) -> int:
+        from engine.gallery import trash
+
+        return trash(self.db, generation_ids)
+
+    def restore(self, generation_ids: list[str]) -> int:
+        from engine.gallery import restore
+
+        return restore(self.db, generation_ids)
+
+    def empty_trash(self):
+        from engine.gallery import empty_trash
+
+        return empty_trash(self.db, self.settings.outputs_dir)
+
     def checked_upload(self, path: str, what: str) -> str:
         """Inputs must be files Gradio received (or our own outputs), never arbitrary server paths."""
         if not any(within(root, Path(path)) for root in self.allowed_input_roots()):

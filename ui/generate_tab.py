@@ -329,7 +329,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
         return f"{current}, {entry}" if current and current.strip() else entry
 
     lora_add.click(add_lora, [loras, lora_pick, lora_weight], [loras], **PRIVATE)
-    return fields
+    return {**fields, "_editor": editor}
 
 
 def _remember_token(jid: str, token: str, tokens: dict | None) -> dict:
