@@ -63,6 +63,8 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {
     "generate": JobKind("engine.generate:run_generate_job", "engine.requests:GenerateRequest"),
     "xyz_plot": JobKind("engine.xyz:run_xyz_job", "engine.xyz:XYZPlotRequest"),
+    "download": JobKind("engine.downloads:run_download_job", "engine.downloads:DownloadRequest", uses_gpu=False,
+                        resumable=True),  # fmt: skip
 }
 
 
@@ -197,6 +199,15 @@ class InProcessExecutor:
                 self.runtime(device).models.get(model)
             except Exception:  # a broken default model shows up on the first job, with its real error
                 log.exception("could not preload %s on %s", model, device)
+
+    def unload_models(self) -> None:
+        """Free every device's loaded pipelines (waits for the running diffusion job, if any)."""
+        for device in self.devices:
+            with self._gpu_locks[device], self._runtime_lock:
+                runtime = self._runtimes.get(device)
+            if runtime is not None:
+                with self._gpu_locks[device]:
+                    runtime.models.unload()
 
     def gpu_lock(self, device: str) -> threading.Lock:
         return self._gpu_locks[device]
