@@ -66,3 +66,35 @@ def test_generate_in_the_browser(app, tmp_path):
                 page.screenshot(path=shot, full_page=True)
         finally:
             browser.close()
+
+
+def test_gallery_reuse_and_png_info_in_the_browser(app, tmp_path):
+    """Gallery: search, pick an image, see its metadata, "Reuse parameters" fills the Generate form.
+    PNG Info: drop that image, read its parameters back."""
+    from playwright.sync_api import expect, sync_playwright
+
+    client = Client(app.url, verbose=False)
+    files, *_ = client.predict(prompt="browser-gallery-word tower", negative_prompt="", steps=3, width=64,
+                               height=64, seed=4242, api_name="/generate")  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url, wait_until="networkidle")
+            page.get_by_role("tab", name="Gallery").click()
+            page.locator("#gallery_text textarea, #gallery_text input").first.fill("browser-gallery-word")
+            page.locator("#gallery_search").click()
+            expect(page.locator("#gallery_summary")).to_contain_text("1 image(s)", timeout=30_000)
+            page.locator("#history_gallery img").first.click()
+            selected = page.locator("#gallery_selected textarea, #gallery_selected input").first
+            expect(selected).not_to_have_value("", timeout=30_000)
+            page.locator("#gallery_reuse").click()
+            expect(page.locator("#prompt textarea")).to_have_value("browser-gallery-word tower", timeout=30_000)
+
+            page.get_by_role("tab", name="PNG Info").click()
+            page.locator("#pnginfo_image input[type=file]").set_input_files(files[0]["image"])
+            expect(page.locator("#pnginfo_infotext textarea")).to_have_value(re.compile(r"Seed: 4242"),
+                                                                              timeout=30_000)  # fmt: skip
+            page.screenshot(path=str(tmp_path / "pnginfo.png"), full_page=True)
+        finally:
+            browser.close()

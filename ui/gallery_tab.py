@@ -48,7 +48,7 @@ def build(ctx: UIContext) -> None:
                 restore_btn = gr.Button("Restore", size="sm")
                 empty_btn = gr.Button("Empty trash", size="sm", variant="stop")
             detail = gr.JSON(label="Metadata")
-    ids = gr.State([])
+    ids = gr.JSON([], visible=False)  # not gr.State: that keeps a heartbeat stream open (no networkidle)
     filters = [text, model, lora, character, mode, date_from, date_to, trash_view, page]
 
     def gallery(text: str = "", model: str = "", lora: str = "", character: str = "", mode: str = "",
