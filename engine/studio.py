@@ -4,6 +4,7 @@ pipelines or sessions. Built by `Studio.start(settings)`; nothing happens at imp
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 from collections.abc import Iterator
@@ -156,6 +157,47 @@ class Studio:
     def submit_xyz(self, base_values: dict[str, Any], axes: dict[str, Any], owner: str = "anonymous"):
         return self.jobs.submit("xyz_plot", self.build_xyz_request(base_values, axes), owner=owner)
 
+    # --- model manager ---------------------------------------------------------------------------
+    def submit_download(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        from engine.downloads import DownloadRequest
+
+        return self.jobs.submit("download", DownloadRequest.build(**values), owner=owner)
+
+    def unload_models(self) -> None:
+        self.executor.unload_models()
+
+    def model_inventory(self) -> list[dict]:
+        """Every model under models/ with family, size, SHA-256 and A1111 short hash (cached)."""
+        from engine.artifacts import folder_files, folder_hash, lora_short_hash
+        from engine.checkpoints import scan_checkpoints
+
+        rows: list[dict] = []
+        for entry in scan_checkpoints(self.roots, self.hashes):
+            rows.append({"kind": "checkpoints", "name": entry.name, "family": entry.family, "size": entry.size,
+                         "sha256": entry.sha256, "short_hash": entry.short_hash, "error": entry.error or ""})  # fmt: skip
+        for name, path in self.roots.list_diffusers_folders().items():
+            files = {p.relative_to(path).as_posix(): self.hashes.sha256(p) for p in folder_files(path)}
+            index = path / "model_index.json"
+            family = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
+            rows.append({"kind": "diffusers", "name": name, "family": family,
+                         "size": sum(p.stat().st_size for p in folder_files(path)),
+                         "sha256": "", "short_hash": folder_hash(files)})  # fmt: skip
+        for kind in ("loras", "vae", "embeddings", "controlnet", "upscale_models"):
+            for name, path in self.roots.list_files(kind).items():
+                sha = self.hashes.sha256(path)
+                short = self.hashes.cached(path, "lora12", lora_short_hash) if kind == "loras" else sha[:10]
+                rows.append({"kind": kind, "name": name, "family": "", "size": path.stat().st_size, "sha256": sha,
+                             "short_hash": short})  # fmt: skip
+        return rows
+
+    @property
+    def hashes(self):
+        from engine.hashing import HashCache
+
+        if not hasattr(self, "_hashes"):
+            self._hashes = HashCache(self.db)
+        return self._hashes
+
     # --- gallery ----------------------------------------------------------------------------------
     def gallery(self, **query: Any):
         """A page of the history (filters: text, model, lora, character, date_from, date_to, mode,
@@ -168,6 +210,24 @@ class Studio:
         from engine.gallery import generation_detail
 
         return generation_detail(self.db, generation_id)
+
+    def export_image(self, generation_id: str, format: str = "jpeg", quality: int = 90) -> Path:
+        """A copy of a generated image as PNG, JPEG or WebP, carrying its infotext (EXIF UserComment for
+        JPEG/WebP, as A1111 writes it) and recipe, under outputs/exports/."""
+        from PIL import Image
+
+        from engine.pnginfo import save_image
+
+        d = self.generation(generation_id)
+        if not d.file_exists:
+            raise NotFoundError(f"generation {generation_id!r} has no image file any more")
+        suffix = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}.get(format)
+        if suffix is None:
+            raise InputError(f"format={format!r}; allowed: png, jpeg, webp")
+        target = self.settings.outputs_dir / "exports" / f"{Path(d.image_path).stem}{suffix}"
+        with Image.open(d.image_path) as img:
+            save_image(img.convert("RGB"), target, d.infotext, d.recipe or None, format=format, quality=int(quality))
+        return target
 
     def trash(self, generation_ids: list[str]) -> int:
         from engine.gallery import trash

@@ -65,3 +65,15 @@ def test_gallery_query_through_api(client):
     assert page["items"][0]["thumbnail_path"].endswith(".webp")
     with pytest.raises(Exception, match="page_size"):
         client.predict("", page_size=5000, api_name="/gallery")
+
+
+def test_export_jpeg_carries_a1111_exif(client):
+    files, infotext, *_ = client.predict(**{**SMALL, "prompt": "export-me castle"}, seed=6, api_name="/generate")
+    page = client.predict("export-me", api_name="/gallery")
+    path = client.predict(page["items"][0]["generation_id"], "jpeg", api_name="/export_image")
+    assert path.endswith(".jpg")
+    from engine.pnginfo import read_image_metadata
+
+    meta = read_image_metadata(path)
+    assert meta.format == "jpeg" and meta.source == "studionova"
+    assert meta.infotext.splitlines()[-1] == infotext.splitlines()[-1]

@@ -47,6 +47,10 @@ def build(ctx: UIContext) -> None:
                 trash_btn = gr.Button("Move to trash", size="sm", variant="stop", elem_id="gallery_trash")
                 restore_btn = gr.Button("Restore", size="sm")
                 empty_btn = gr.Button("Empty trash", size="sm", variant="stop")
+            with gr.Row():
+                export_format = gr.Radio(["png", "jpeg", "webp"], value="jpeg", label="Export as")
+                export_btn = gr.Button("Export with metadata", size="sm")
+            exported = gr.File(label="Exported file", interactive=False)
             detail = gr.JSON(label="Metadata")
     ids = gr.JSON([], visible=False)  # not gr.State: that keeps a heartbeat stream open (no networkidle)
     filters = [text, model, lora, character, mode, date_from, date_to, trash_view, page]
@@ -116,6 +120,15 @@ def build(ctx: UIContext) -> None:
     restore_btn.click(restore, [selected], [summary], **PRIVATE).then(show, filters, [grid, ids, summary, page],
                                                                          **PRIVATE)  # fmt: skip
     empty_btn.click(empty, None, [summary], **PRIVATE)
+
+    def export_image(generation_id: str, format: str = "jpeg") -> str:
+        """A copy of a generated image as png, jpeg or webp with its A1111 infotext (EXIF for JPEG/WebP)."""
+        if not generation_id:
+            raise gr.Error("select an image first", title="Nothing selected")
+        with engine_errors():
+            return str(studio.export_image(generation_id, format))
+
+    export_btn.click(export_image, [selected, export_format], [exported], api_name="export_image")
 
     if ctx.form is not None:
         targets = [*form_targets(ctx.form), ctx.tabs]
