@@ -66,7 +66,7 @@ def build_app(studio, settings: Settings):
     """The Gradio Blocks app: one tab per ui/ module, a queue with explicit limits."""
     import gradio as gr
 
-    from ui import gallery_tab, generate_tab, jobs_tab, pnginfo_tab
+    from ui import gallery_tab, generate_tab, jobs_tab, models_tab, pnginfo_tab
     from ui.common import UIContext
 
     with gr.Blocks(title="StudioNOVA", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
@@ -82,6 +82,8 @@ def build_app(studio, settings: Settings):
                 gallery_tab.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo_tab.build(ctx)
+            with gr.Tab("Models", id="models"):
+                models_tab.build(ctx)
             with gr.Tab("Jobs", id="jobs"):
                 jobs_tab.build(ctx)
     demo.queue(api_open=False, max_size=settings.max_queue, default_concurrency_limit=4)

@@ -35,6 +35,25 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
         raise
 
 
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Fill a temp folder beside `target`, then rename it into place: an interrupted build never
+    leaves a half-written folder under the target's name (a concurrent winner is kept)."""
+    import shutil
+
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_with(path: Path, writer: Callable[[IO], None]) -> Path:
     with atomic_write(path) as f:
         writer(f)

@@ -9,10 +9,9 @@ models/diffusers/ and then loaded by exactly the same code as any real model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from engine.artifacts import atomic_dir
 
 DEMO_MODEL_NAME = "studionova-demo"
 DEMO_LABEL = "demo (random weights)"
@@ -129,16 +128,8 @@ def ensure_demo_model(models_dir: Path) -> Path:
     target = demo_model_path(models_dir)
     if is_demo_folder(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:  # a leftover folder without the marker is replaced
         pipe = build_demo_pipeline()
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / _MARKER).write_text(json.dumps({"label": DEMO_LABEL, "seed": DEMO_SEED}), encoding="utf-8")
-        if target.exists():  # a leftover without the marker: not ours to trust
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from engine import modes
@@ -62,6 +63,14 @@ def prepare_inputs(req: GenerateRequest) -> Prepared:
     return prep
 
 
+def model_display_name(name: str) -> str:
+    """A1111's `Model:` value: a checkpoint file's stem, a diffusers folder's name."""
+    from engine.paths import MODEL_FOLDERS
+
+    path = Path(name)
+    return path.stem if path.suffix.lower() in MODEL_FOLDERS["checkpoints"][1] else name
+
+
 def a1111_params(req: GenerateRequest, seed: int, model_name: str, model_hash: str, extras: dict) -> dict:
     spec = SAMPLERS[req.sampler]
     inpaint = req.mode in ("inpaint", "outpaint")
@@ -74,7 +83,7 @@ def a1111_params(req: GenerateRequest, seed: int, model_name: str, model_hash: s
         "Seed": seed,
         "Size": f"{req.width}x{req.height}",
         "Model hash": model_hash,
-        "Model": model_name,
+        "Model": model_display_name(model_name),
         "VAE hash": extras.get("vae_hash"),
         "VAE": extras.get("vae"),
         "Variation seed": extras.get("subseed") if req.subseed_strength > 0 else None,
@@ -133,10 +142,12 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
     prep = prepare_inputs(req)
     pipe = rt.models.variant(model, prep.task, req.controlnet)
     if req.controlnet:
-        extras["controlnet_hash"] = rt.models.hashes.sha256(rt.models.controlnet_path(req.controlnet))[:10]
+        extras["controlnet_hash"] = rt.models.model_hash(rt.models.controlnet_path(req.controlnet))
     extras["ti_hashes"] = rt.models.ensure_embeddings(model, [prompt, negative])
     timings["load"] = time.monotonic() - t0
-    pipe.scheduler = make_scheduler(req.sampler, model.base_scheduler_config)  # per call: the next one is clean
+    pipe.scheduler = make_scheduler(
+        req.sampler, model.base_scheduler_config
+    )  # per call: the next one is clean
     rt.models.configure_for_size(model, *req.output_size)
 
     first, refine, second = _sampling_steps(req)
@@ -152,7 +163,9 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
                                             extract_lora_tags(negative)[0], req.clip_skip)  # fmt: skip
     started = time.monotonic()
     with torch.inference_mode():
-        embeds = encode_prompts(pipe, extract_lora_tags(prompt)[0], extract_lora_tags(negative)[0], req.clip_skip)
+        embeds = encode_prompts(
+            pipe, extract_lora_tags(prompt)[0], extract_lora_tags(negative)[0], req.clip_skip
+        )
     images = []
     for batch in range(req.batch_count):
         seeds = [req.seed + batch * req.batch_size + i for i in range(req.batch_size)]
@@ -162,7 +175,9 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
         try:
             out = _sample(req, rt, model, pipe, prep, embeds, seeds, callback)
             if refiner is not None:
-                callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset + first, total, started, previews)
+                callback = rt.step_callback(
+                    ctx.emit, ctx.is_cancelled, offset + first, total, started, previews
+                )
                 out = _refiner_pass(req, refiner, model, out, refiner_embeds, seeds, callback)
             if second:
                 callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset + first + refine, total, started,
@@ -197,7 +212,9 @@ def apply_styles(req: GenerateRequest, rt) -> tuple[str, str]:
     return StyleBook(rt.styles_path).apply(req.styles, req.prompt, req.negative_prompt)
 
 
-def _call_kwargs(req: GenerateRequest, pipe, prep: Prepared, embeds: dict, seeds: list[int], callback) -> dict:
+def _call_kwargs(
+    req: GenerateRequest, pipe, prep: Prepared, embeds: dict, seeds: list[int], callback
+) -> dict:
     import torch
 
     kwargs = {
@@ -303,9 +320,7 @@ def _hires_pass(req, rt, model, first: list, embeds, seeds, callback) -> list:
         return list(pipe(**kwargs).images)
 
 
-def save_generated(
-    req, ctx: RunContext, model, extras: dict, seed: int, image, index: int
-) -> GeneratedImage:
+def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, index: int) -> GeneratedImage:
     rt = ctx.runtime
     lora_hashes = extras["lora_hashes"]
     prompt, negative = apply_styles(req, rt)

@@ -63,8 +63,12 @@ class JobKind:
 JOB_KINDS: dict[str, JobKind] = {
     "generate": JobKind("engine.generate:run_generate_job", "engine.requests:GenerateRequest"),
     "xyz_plot": JobKind("engine.xyz:run_xyz_job", "engine.xyz:XYZPlotRequest"),
-    "download": JobKind("engine.downloads:run_download_job", "engine.downloads:DownloadRequest", uses_gpu=False,
-                        resumable=True),  # fmt: skip
+    "download": JobKind(
+        "engine.downloads:run_download_job",
+        "engine.downloads:DownloadRequest",
+        uses_gpu=False,
+        resumable=True,
+    ),  # fmt: skip
 }
 
 

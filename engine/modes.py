@@ -123,7 +123,9 @@ def slerp(t: float, low, high):
         return low * (1 - t) + high * t
     omega = torch.acos(dot)
     so = torch.sin(omega)
-    return (torch.sin((1.0 - t) * omega) / so).unsqueeze(1) * low + (torch.sin(t * omega) / so).unsqueeze(1) * high
+    return (torch.sin((1.0 - t) * omega) / so).unsqueeze(1) * low + (torch.sin(t * omega) / so).unsqueeze(
+        1
+    ) * high
 
 
 def initial_noise(seeds: list[int], shape: tuple[int, int, int], subseed: int, strength: float):
@@ -163,7 +165,9 @@ def upscale_image(image, width: int, height: int, model_path: Path | None, devic
     try:
         model = ModelLoader(device=device).load_from_file(str(model_path))
     except Exception as e:  # spandrel raises plain exceptions for unknown architectures
-        raise InputError(f"hr_upscaler {model_path.name!r} is not an upscale model spandrel can load: {e}") from None
+        raise InputError(
+            f"hr_upscaler {model_path.name!r} is not an upscale model spandrel can load: {e}"
+        ) from None
     model.eval()
     x = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float().div(255).unsqueeze(0)
     with torch.inference_mode():

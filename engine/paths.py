@@ -77,6 +77,29 @@ class ModelRoots:
                         found.setdefault(index.parent.name, index.parent)
         return found
 
+    def list_checkpoint_files(self) -> dict[str, Path]:
+        """Single-file checkpoints: name (relative path with suffix, as A1111 shows it) -> file.
+        Files inside diffusers folders (a model_index.json above them) are parts of those models."""
+        out: dict[str, Path] = {}
+        folders = self.folders("checkpoints")
+        for path in self.list_files("checkpoints").values():
+            folder = next(f for f in folders if path.is_relative_to(f))
+            rel = path.relative_to(folder)
+            if any(
+                (folder / Path(*rel.parts[:i]) / "model_index.json").is_file()
+                for i in range(1, len(rel.parts))
+            ):
+                continue
+            out.setdefault(rel.as_posix(), path)
+        return out
+
+    def list_models(self) -> dict[str, Path]:
+        """Every loadable model: diffusers folders, then single-file checkpoints."""
+        found = self.list_diffusers_folders()
+        for name, path in self.list_checkpoint_files().items():
+            found.setdefault(name, path)
+        return found
+
     def resolve(self, kind: str, name: str, available: dict[str, Path]) -> Path:
         if name in available:
             path = available[name]

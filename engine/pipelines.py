@@ -86,8 +86,13 @@ def lora_format(path: Path) -> str:
 class ModelManager:
     """Owns the pipelines of one device. Not thread-safe by design: one worker uses it at a time."""
 
-    def __init__(self, models_dir: Path, plan: DevicePlan, hashes: HashCache) -> None:
+    def __init__(self, models_dir: Path, plan: DevicePlan, hashes: HashCache, configs_dir: Path | None = None,
+                 cache_dir: Path | None = None) -> None:  # fmt: skip
+        from engine.checkpoints import SHIPPED_CONFIGS
+
         self.roots = ModelRoots(Path(models_dir))
+        self.configs_dir = Path(configs_dir) if configs_dir else SHIPPED_CONFIGS
+        self.cache_dir = Path(cache_dir) if cache_dir else Path(models_dir) / ".cache"
         self.plan = plan
         self.hashes = hashes
         self.loaded: LoadedModel | None = None
@@ -98,12 +103,16 @@ class ModelManager:
 
     # --- listing ---------------------------------------------------------------------
     def models(self) -> dict[str, Path]:
-        return self.roots.list_diffusers_folders()
+        return self.roots.list_models()
 
     def loras(self) -> dict[str, Path]:
         return self.roots.list_files("loras")
 
     def model_hash(self, path: Path) -> str:
+        """A1111's model hash: SHA-256[:10] of a checkpoint file; for a diffusers folder, 10 hex over
+        its files' hashes."""
+        if Path(path).is_file():
+            return self.hashes.sha256(path)[:10]
         files = {p.relative_to(path).as_posix(): self.hashes.sha256(p) for p in folder_files(path)}
         return folder_hash(files)
 
@@ -125,6 +134,8 @@ class ModelManager:
     def _load(self, name: str, path: Path, mhash: str) -> LoadedModel:
         from diffusers import DiffusionPipeline
 
+        if path.is_file():
+            return self._load_single_file(name, path, mhash)
         log.info("loading %s (%s) on %s/%s", name, mhash, self.plan.device, self.plan.dtype)
         index = json.loads((path / "model_index.json").read_text(encoding="utf-8"))
         cls = index.get("_class_name", "")
@@ -140,6 +151,52 @@ class ModelManager:
             use_safetensors=any(path.rglob("*.safetensors")),
             **extra,
         )
+        return self._finish_load(name, path, mhash, pipe)
+
+    def checkpoint_info(self, path: Path):
+        from engine.checkpoints import CheckpointInfo, inspect_checkpoint
+
+        return CheckpointInfo.decode(
+            self.hashes.cached(path, "family", lambda p: inspect_checkpoint(p).encode())
+        )
+
+    def _load_single_file(self, name: str, path: Path, mhash: str) -> LoadedModel:
+        """A .safetensors/.ckpt checkpoint through diffusers' from_single_file with the family's
+        shipped config folder, so nothing is fetched from the Hub."""
+        import diffusers
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+        from engine.checkpoints import PICKLE_SUFFIXES, config_folder, pipeline_class_name, read_state_dict
+
+        info = self.checkpoint_info(path)
+        if path.suffix.lower() in PICKLE_SUFFIXES:
+            read_state_dict(path)  # refuses a code pickle here, whatever diffusers would do
+        folder = config_folder(info, self.configs_dir, self.cache_dir)
+        cls = pipeline_class_name(folder)
+        if cls not in SUPPORTED_PIPELINES:
+            raise InputError(f"checkpoint {name!r} ({info.family}) needs a {cls}; supported: "
+                             f"{', '.join(SUPPORTED_PIPELINES)}")  # fmt: skip
+        log.info(
+            "loading checkpoint %s (%s, %s) on %s/%s",
+            name,
+            info.family,
+            mhash,
+            self.plan.device,
+            self.plan.dtype,
+        )
+        extra = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls else {}
+        try:
+            pipe = getattr(diffusers, cls).from_single_file(
+                str(path),
+                config=str(folder),
+                local_files_only=True,
+                torch_dtype=self.plan.torch_dtype(),
+                **extra,
+            )
+        except (SingleFileComponentError, ValueError, KeyError, RuntimeError, OSError) as e:
+            if "out of memory" in str(e).lower():
+                raise
+            raise InputError(f"checkpoint {name!r} does not load as {info.family}: {str(e)[:400]}") from None
         return self._finish_load(name, path, mhash, pipe)
 
     def _finish_load(self, name: str, path: Path, mhash: str, pipe) -> LoadedModel:
@@ -277,8 +334,8 @@ class ModelManager:
                 pipe.load_textual_inversion(sd["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
                                             tokenizer=pipe.tokenizer_2)  # fmt: skip
             else:
-                if "string_to_param" in sd:  # A1111 .pt layout
-                    sd = {"string_to_param": sd["string_to_param"]}
+                if isinstance(sd.get("string_to_param"), dict):  # A1111 .pt layout: {"*": vectors}
+                    sd = {token: sd["string_to_param"]["*"]}
                 pipe.load_textual_inversion(sd, token=token)
         except (ValueError, KeyError, RuntimeError) as e:
             raise InputError(f"embedding {path.name} does not fit model {model.name!r}: {e}") from None
@@ -292,7 +349,9 @@ class ModelManager:
 
         path = self.controlnet_path(name)
         if path.is_dir():
-            cn = ControlNetModel.from_pretrained(path, local_files_only=True, torch_dtype=self.plan.torch_dtype())
+            cn = ControlNetModel.from_pretrained(
+                path, local_files_only=True, torch_dtype=self.plan.torch_dtype()
+            )
         else:
             cn = self._controlnet_from_file(path)
         cn = cn.to(self.plan.device)
@@ -304,8 +363,11 @@ class ModelManager:
         files = self.roots.list_files("controlnet")
         folders = {p.parent.relative_to(f).as_posix(): p.parent for f in self.roots.folders("controlnet")
                    for p in f.rglob("config.json")}  # fmt: skip
-        return self.roots.resolve("controlnet", name, {**{k: v for k, v in files.items()
-                                                          if not (v.parent / "config.json").exists()}, **folders})
+        return self.roots.resolve(
+            "controlnet",
+            name,
+            {**{k: v for k, v in files.items() if not (v.parent / "config.json").exists()}, **folders},
+        )
 
     def _controlnet_from_file(self, path: Path):
         from diffusers import ControlNetModel

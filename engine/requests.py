@@ -117,10 +117,18 @@ class GenerateRequest(_Request):
     masked_content: Literal["original", "fill", "latent noise", "latent nothing"] = Field(
         default="original", description="Inpaint: what the masked area starts from"
     )
-    outpaint_left: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added left")
-    outpaint_right: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added right")
-    outpaint_up: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added on top")
-    outpaint_down: int = Field(default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added below")
+    outpaint_left: int = Field(
+        default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added left"
+    )
+    outpaint_right: int = Field(
+        default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added right"
+    )
+    outpaint_up: int = Field(
+        default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added on top"
+    )
+    outpaint_down: int = Field(
+        default=0, ge=0, le=1024, multiple_of=8, description="Outpaint: pixels added below"
+    )
     # --- hires fix (txt2img) ---
     enable_hr: bool = Field(default=False, description="Hires fix: upscale, then a second img2img pass")
     hr_scale: float = Field(default=2.0, ge=1.0, le=4.0, description="Hires fix: upscale factor")
@@ -129,16 +137,24 @@ class GenerateRequest(_Request):
         description="Hires fix upscaler: Latent, Latent (nearest), Lanczos, or a model in upscale_models",
     )  # fmt: skip
     hr_second_pass_steps: int = Field(default=0, ge=0, le=150, description="Hires steps (0 = same as steps)")
-    hr_denoising_strength: float = Field(default=0.7, ge=0.0, le=1.0, description="Hires fix denoising strength")
+    hr_denoising_strength: float = Field(
+        default=0.7, ge=0.0, le=1.0, description="Hires fix denoising strength"
+    )
     # --- SDXL refiner ---
     refiner: str = Field(default="", max_length=200, description="SDXL refiner model (empty = none)")
-    refiner_switch_at: float = Field(default=0.8, ge=0.01, le=1.0, description="Switch to the refiner at this fraction")
+    refiner_switch_at: float = Field(
+        default=0.8, ge=0.01, le=1.0, description="Switch to the refiner at this fraction"
+    )
     # --- variation seed (A1111 "Extra") ---
     subseed: int = Field(default=-1, ge=-1, le=MAX_SEED, description="Variation seed (-1 = random)")
     subseed_strength: float = Field(default=0.0, ge=0.0, le=1.0, description="Variation strength (0 = off)")
     # --- model parts ---
-    vae: str = Field(default="", max_length=200, description="VAE: empty = the model's own, else a file in vae/")
-    controlnet: str = Field(default="", max_length=200, description="ControlNet model in controlnet/ (empty = off)")
+    vae: str = Field(
+        default="", max_length=200, description="VAE: empty = the model's own, else a file in vae/"
+    )
+    controlnet: str = Field(
+        default="", max_length=200, description="ControlNet model in controlnet/ (empty = off)"
+    )
     control_image: str | None = Field(default=None, description="ControlNet input image path")
     control_preprocessor: Literal["none", "canny"] = Field(
         default="none", description="ControlNet preprocessing: none (the image is already a map) or canny"

@@ -53,7 +53,8 @@ class WorkerRuntime:
 
     @classmethod
     def create(cls, plan: DevicePlan, models_dir: Path, db: Database, outputs_dir: Path, version: str,
-               styles_path: Path | None = None):  # fmt: skip
+               styles_path: Path | None = None, configs_dir: Path | None = None,
+               cache_dir: Path | None = None):  # fmt: skip
         # diffusers' lazy module is not safe to import from two threads at once: import what the
         # workers use here, once, before any of them runs (the executor calls this under a lock).
         import diffusers  # noqa: F401
@@ -67,7 +68,8 @@ class WorkerRuntime:
             StableDiffusionPipeline,
         )
 
-        return cls(plan, ModelManager(models_dir, plan, HashCache(db)), db, outputs_dir, version, styles_path)
+        models = ModelManager(models_dir, plan, HashCache(db), configs_dir=configs_dir, cache_dir=cache_dir)
+        return cls(plan, models, db, outputs_dir, version, styles_path)
 
     def step_callback(self, emit: Callable[[dict], None], is_cancelled: Callable[[], bool], step_offset: int,
                       total: int, started: float, previews: bool = True):  # fmt: skip

@@ -66,6 +66,13 @@ class Settings:
     max_queue: int = field(
         default=64, metadata={"help": "requests Gradio accepts waiting before answering 'queue is full'"}
     )
+    model_configs: str = field(
+        default="",
+        metadata={
+            "help": "folder of per-family diffusers configs for single-file checkpoints "
+            "(default: the ones shipped in engine/model_configs; loading stays offline)"
+        },
+    )
     cpu_offload: bool = field(
         default=False, metadata={"help": "enable model CPU offload on CUDA (saves VRAM, slower)"}
     )
@@ -100,6 +107,12 @@ class Settings:
     @property
     def gradio_tmp_dir(self) -> Path:
         return self.data_dir / "gradio-tmp"
+
+    @property
+    def model_configs_path(self) -> Path:
+        from engine.checkpoints import SHIPPED_CONFIGS
+
+        return Path(self.model_configs).expanduser().resolve() if self.model_configs else SHIPPED_CONFIGS
 
     @property
     def resolved_database_url(self) -> str:

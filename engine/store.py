@@ -14,8 +14,9 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Index, event, inspect
 from sqlalchemy.engine import Engine
+from sqlalchemy.schema import CreateColumn
 from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, select
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
@@ -89,6 +90,28 @@ class Generation(SQLModel, table=True):
     infotext: str = ""
     recipe: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
     created_at: datetime = Field(default_factory=utcnow, index=True)
+    character: str | None = Field(default=None, index=True, max_length=200)
+    trashed_at: datetime | None = None  # set by the gallery's trash; the row and files go on empty_trash
+
+    # The gallery lists untrashed rows newest first, alone or filtered by model or mode: index-ordered
+    # pages and index-only counts.
+    __table_args__ = (
+        Index("ix_generation_gallery", "trashed_at", "created_at", "id"),
+        Index("ix_generation_model_gallery", "model", "trashed_at", "created_at"),
+        Index("ix_generation_mode_gallery", "mode", "trashed_at", "created_at"),
+    )
+
+
+class GenerationLora(SQLModel, table=True):
+    """One LoRA name used by a generation: an indexed, dialect-neutral copy of `Generation.loras`
+    (written in the same transaction as the Generation row) for the gallery's LoRA filter."""
+
+    generation_id: str = Field(
+        foreign_key="generation.id", ondelete="CASCADE", primary_key=True, max_length=32
+    )
+    name: str = Field(primary_key=True, max_length=200)
+
+    __table_args__ = (Index("ix_generationlora_name", "name", "generation_id"),)
 
 
 class FileHash(SQLModel, table=True):
@@ -135,6 +158,27 @@ class Database:
 
     def create_all(self) -> None:
         SQLModel.metadata.create_all(self.engine)
+        self._add_new_columns_and_indexes()
+
+    def _add_new_columns_and_indexes(self) -> None:
+        """create_all makes missing tables but never alters existing ones: add the columns and indexes
+        a table gained after an older StudioNOVA created it. Only nullable (or server-defaulted) columns
+        can be added, so existing rows stay valid; anything else is refused by name."""
+        insp = inspect(self.engine)
+        tables = [t for t in SQLModel.metadata.sorted_tables if insp.has_table(t.name)]
+        missing = {t.name: [c for c in t.columns if c.name not in {x["name"] for x in insp.get_columns(t.name)}]
+                   for t in tables}  # fmt: skip
+        preparer = self.engine.dialect.identifier_preparer
+        with self.engine.begin() as conn:
+            for table in tables:
+                for col in missing[table.name]:
+                    if not col.nullable and col.server_default is None:
+                        raise RuntimeError(f"column {table.name}.{col.name} is new and NOT NULL without a "
+                                           "server default; it cannot be added to existing rows")  # fmt: skip
+                    ddl = CreateColumn(col).compile(dialect=self.engine.dialect)
+                    conn.exec_driver_sql(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {ddl}")
+                for index in table.indexes:
+                    index.create(conn, checkfirst=True)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -60,7 +60,8 @@ class Studio:
 
         def runtime_factory(device: str):
             return WorkerRuntime.create(plan, settings.models_dir, db, settings.outputs_dir, ver,
-                                        settings.data_dir / "styles.csv")  # fmt: skip
+                                        settings.data_dir / "styles.csv", settings.model_configs_path,
+                                        settings.cache_dir)  # fmt: skip
 
         executor = InProcessExecutor(jobs, [plan.device], settings.jobs_per_device, runtime_factory)
         jobs.attach(executor)
@@ -83,7 +84,18 @@ class Studio:
 
     def model_choices(self) -> list[tuple[str, str]]:
         """(label, name) pairs for a dropdown; the demo model says it is random weights."""
-        return [(model_label(name, path), name) for name, path in self.roots.list_diffusers_folders().items()]
+        return [(model_label(name, path), name) for name, path in self.roots.list_models().items()]
+
+    def match_model(self, name: str) -> str:
+        """The local model an infotext's `Model: name` means: an exact name, else a checkpoint file
+        whose name or file stem matches (A1111 writes the stem: "v1-5-pruned" for v1-5-pruned.safetensors)."""
+        models = self.roots.list_models()
+        if not name or name in models:
+            return name
+        for candidate, path in models.items():
+            if path.is_file() and name in (Path(candidate).with_suffix("").as_posix(), path.stem):
+                return candidate
+        return name
 
     def default_model(self) -> str:
         names = [n for _, n in self.model_choices()]
@@ -103,8 +115,7 @@ class Studio:
         values = dict(values)
         if values.get("seed") is None or int(values["seed"]) == -1:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
-        if not values.get("model"):
-            values["model"] = self.default_model()
+        values["model"] = self.match_model(values.get("model") or "") or self.default_model()
         if values.get("subseed") is None or int(values["subseed"]) == -1:
             values["subseed"] = secrets.randbelow(MAX_SEED + 1)
         for key in ("init_image", "mask_image", "control_image"):
@@ -117,7 +128,7 @@ class Studio:
             merged.update(tags)
             values["loras"] = [{"name": n, "weight": w} for n, w in merged.items()]
         req = GenerateRequest.build(**values)
-        models = self.roots.list_diffusers_folders()
+        models = self.roots.list_models()
         self.roots.resolve("diffusers", req.model, models)  # unknown model -> NotFoundError now, not later
         loras = self.roots.list_files("loras")
         for spec in req.loras:
@@ -127,8 +138,10 @@ class Studio:
         if req.refiner:
             self.roots.resolve("diffusers", req.refiner, models)
         if req.controlnet and req.controlnet not in self.controlnet_names():
-            raise NotFoundError(f"controlnet {req.controlnet!r} not found; available: "
-                                f"{', '.join(self.controlnet_names()) or 'none (put models in models/controlnet)'}")
+            raise NotFoundError(
+                f"controlnet {req.controlnet!r} not found; available: "
+                f"{', '.join(self.controlnet_names()) or 'none (put models in models/controlnet)'}"
+            )
         styles = self.styles()
         for name in req.styles:
             styles.get(name)
@@ -145,9 +158,11 @@ class Studio:
         for key in ("x", "y", "z"):  # A1111: a seed of -1 on an axis means a random one, fixed now
             if axes.get(f"{key}_type") in ("Seed", "Var. seed"):
                 vals = parse_values(axes[f"{key}_type"], axes.get(f"{key}_values", ""))
-                axes[f"{key}_values"] = ", ".join(str(secrets.randbelow(MAX_SEED + 1) if v == -1 else v) for v in vals)
+                axes[f"{key}_values"] = ", ".join(
+                    str(secrets.randbelow(MAX_SEED + 1) if v == -1 else v) for v in vals
+                )
         req = XYZPlotRequest.build(base=base, **axes)
-        models = self.roots.list_diffusers_folders()
+        models = self.roots.list_models()
         for _, cell in req.cells():
             self.roots.resolve("diffusers", cell.model, models)
             if cell.vae:
@@ -162,6 +177,15 @@ class Studio:
         from engine.downloads import DownloadRequest
 
         return self.jobs.submit("download", DownloadRequest.build(**values), owner=owner)
+
+    def models_relative(self, path: str) -> str:
+        """A path under models/ as users name it ("checkpoints/x.safetensors"), never the server path."""
+        p = Path(path)
+        return (
+            p.relative_to(self.settings.models_dir).as_posix()
+            if p.is_relative_to(self.settings.models_dir)
+            else p.name
+        )
 
     def unload_models(self) -> None:
         self.executor.unload_models()
@@ -178,7 +202,11 @@ class Studio:
         for name, path in self.roots.list_diffusers_folders().items():
             files = {p.relative_to(path).as_posix(): self.hashes.sha256(p) for p in folder_files(path)}
             index = path / "model_index.json"
-            family = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "") if index.is_file() else ""
+            family = (
+                json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
+                if index.is_file()
+                else ""
+            )
             rows.append({"kind": "diffusers", "name": name, "family": family,
                          "size": sum(p.stat().st_size for p in folder_files(path)),
                          "sha256": "", "short_hash": folder_hash(files)})  # fmt: skip
@@ -226,7 +254,9 @@ class Studio:
             raise InputError(f"format={format!r}; allowed: png, jpeg, webp")
         target = self.settings.outputs_dir / "exports" / f"{Path(d.image_path).stem}{suffix}"
         with Image.open(d.image_path) as img:
-            save_image(img.convert("RGB"), target, d.infotext, d.recipe or None, format=format, quality=int(quality))
+            save_image(
+                img.convert("RGB"), target, d.infotext, d.recipe or None, format=format, quality=int(quality)
+            )
         return target
 
     def trash(self, generation_ids: list[str]) -> int:
@@ -260,7 +290,11 @@ class Studio:
         return sorted(self.roots.list_files("vae"))
 
     def controlnet_names(self) -> list[str]:
-        names = {n for n, p in self.roots.list_files("controlnet").items() if not (p.parent / "config.json").exists()}
+        names = {
+            n
+            for n, p in self.roots.list_files("controlnet").items()
+            if not (p.parent / "config.json").exists()
+        }
         for folder in self.roots.folders("controlnet"):
             names |= {p.parent.relative_to(folder).as_posix() for p in folder.rglob("config.json")}
         return sorted(names)

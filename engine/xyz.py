@@ -46,7 +46,9 @@ AXES: dict[str, Axis] = {a.label: a for a in (
     Axis("Height", "height", int),
 )}  # fmt: skip
 MAX_CELLS = 100
-RANGE_RE = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?)\s*-\s*([+-]?\d+(?:\.\d*)?)(?:\s*\(([+-]?\d+(?:\.\d*)?)\)|\s*\[(\d+)\])?\s*$")
+RANGE_RE = re.compile(
+    r"^\s*([+-]?\d+(?:\.\d*)?)\s*-\s*([+-]?\d+(?:\.\d*)?)(?:\s*\(([+-]?\d+(?:\.\d*)?)\)|\s*\[(\d+)\])?\s*$"
+)
 
 
 def parse_values(axis_label: str, text: str) -> list[Any]:
@@ -141,7 +143,9 @@ def apply_axis(values: dict, axis_type: str, value: Any, axis_values: list[Any])
     if axis.label == "Prompt S/R":
         search = axis_values[0]
         if search not in values["prompt"] and search not in values["negative_prompt"]:
-            raise InputError(f"Prompt S/R: {search!r} (the first value) is not in the prompt or negative prompt")
+            raise InputError(
+                f"Prompt S/R: {search!r} (the first value) is not in the prompt or negative prompt"
+            )
         values["prompt"] = values["prompt"].replace(search, value)
         values["negative_prompt"] = values["negative_prompt"].replace(search, value)
         return

@@ -15,6 +15,7 @@ from tests.factories import (
     save_loha,
     save_vae_file,
 )
+from tests.ldm_export import export_sd1_checkpoint, tiny_config_folder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -37,17 +38,32 @@ def models_dir(tmp_path_factory) -> Path:
     save_controlnet(root / "controlnet" / "tiny-canny", model_dir)
     build_tiny_sdxl().save_pretrained(root / "diffusers" / "tiny-sdxl")
     build_tiny_sdxl(refiner=True).save_pretrained(root / "diffusers" / "tiny-sdxl-refiner")
+    export_sd1_checkpoint(model_dir, root / "checkpoints" / "demo-single.safetensors")
     return root
 
 
 @pytest.fixture(scope="session")
-def studio(models_dir, tmp_path_factory):
+def model_configs(models_dir, tmp_path_factory) -> Path:
+    """Per-family config folders for the tiny models (the demo's configs without weights, as "sd1"):
+    single-file checkpoints load through exactly the code real ones use, with these instead of the
+    shipped full-size configs."""
+    root = tmp_path_factory.mktemp("model_configs")
+    tiny_config_folder(models_dir / "diffusers" / "studionova-demo", root / "sd1")
+    return root
+
+
+@pytest.fixture(scope="session")
+def studio(models_dir, model_configs, tmp_path_factory):
     """One in-process studio (worker thread, SQLite in a temp dir) shared by the engine tests."""
     from engine.settings import Settings
     from engine.studio import Studio
 
     settings = Settings(
-        data_dir=tmp_path_factory.mktemp("data"), models_dir=models_dir, demo=True, device="cpu"
+        data_dir=tmp_path_factory.mktemp("data"),
+        models_dir=models_dir,
+        demo=True,
+        device="cpu",
+        model_configs=str(model_configs),
     )
     st = Studio.start(settings)
     yield st
@@ -55,9 +71,16 @@ def studio(models_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def app(models_dir, tmp_path_factory):
+def app(models_dir, model_configs, tmp_path_factory):
     """The real app launched in a subprocess (shared by the API and browser tests)."""
-    proc = AppProcess(tmp_path_factory.mktemp("appdata"), models_dir, "--max-upload-mb", "1").start()
+    proc = AppProcess(
+        tmp_path_factory.mktemp("appdata"),
+        models_dir,
+        "--max-upload-mb",
+        "1",
+        "--model-configs",
+        str(model_configs),
+    ).start()
     yield proc
     proc.stop()
 

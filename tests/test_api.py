@@ -68,7 +68,10 @@ def test_cancel_through_api(client):
 @pytest.mark.parametrize(
     ("overrides", "needle"),
     [
-        ({"model": "nope"}, "model 'nope' not found; available: studionova-demo"),
+        (
+            {"model": "nope"},
+            "model 'nope' not found; available: demo-single.safetensors, studionova-demo, tiny-sdxl",
+        ),
         ({"model": "../../etc/passwd"}, "not found"),
         ({"steps": -1}, "steps=-1"),
         ({"width": 64000, "height": 64000}, "width=64000"),

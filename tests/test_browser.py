@@ -98,3 +98,26 @@ def test_gallery_reuse_and_png_info_in_the_browser(app, tmp_path):
             page.screenshot(path=str(tmp_path / "pnginfo.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_models_tab_lists_checkpoints_with_family_and_hash(app, models_dir, tmp_path):
+    """Models: Refresh scans models/ and shows the single-file checkpoint's family and A1111 short hash;
+    the Generate tab's model list picks the file up."""
+    import hashlib
+
+    from playwright.sync_api import expect, sync_playwright
+
+    short = hashlib.sha256((models_dir / "checkpoints" / "demo-single.safetensors").read_bytes()).hexdigest()[:10]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url, wait_until="networkidle")
+            page.get_by_role("tab", name="Models").click()
+            page.locator("#models_refresh").click()
+            row = page.locator("#models_table").get_by_role("row", name=re.compile(r"demo-single\.safetensors"))
+            expect(row).to_contain_text("SD1.x", timeout=60_000)
+            expect(row).to_contain_text(short)
+            page.screenshot(path=str(tmp_path / "models.png"), full_page=True)
+        finally:
+            browser.close()

@@ -147,7 +147,10 @@ def test_img2img(studio, tmp_path):
 @pytest.mark.parametrize(
     ("values", "needle"),
     [
-        ({"model": "no-such-model"}, "model 'no-such-model' not found; available: studionova-demo"),
+        (
+            {"model": "no-such-model"},
+            "model 'no-such-model' not found; available: demo-single.safetensors, studionova-demo, tiny-sdxl",
+        ),
         ({"steps": -3}, "steps=-3"),
         ({"width": 100000}, "width=100000"),
         ({"width": 65}, "multiple of 8"),

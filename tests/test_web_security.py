@@ -60,7 +60,12 @@ def test_queue_cannot_be_bypassed(app):
 
 def test_component_value_naming_a_server_path_is_refused(app):
     fake = {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
-    data = ["x", "", 1, 2, 7, 64, 64, "Euler a", "studionova-demo", "", 1, 1, 1, fake, 0.75]
+    params = httpx.get(app.url + "gradio_api/info", timeout=10).json()["named_endpoints"]["/generate"][
+        "parameters"
+    ]
+    data = [fake if p["parameter_name"] == "init_image" else p["parameter_default"] if p["parameter_has_default"]
+            else "x" for p in params]  # fmt: skip
+    assert fake in data
     r = httpx.post(app.url + "gradio_api/call/generate", json={"data": data}, timeout=10)
     event_id = r.json()["event_id"]
     with httpx.stream("GET", app.url + f"gradio_api/call/generate/{event_id}", timeout=60) as stream:

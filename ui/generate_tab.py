@@ -55,7 +55,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
             with gr.Row():
                 model = gr.Dropdown(studio.model_choices(), value=studio.default_model(), label="Model",
                                     allow_custom_value=True,
-                                    info="diffusers folders under models/diffusers or models/checkpoints")  # fmt: skip
+                                    info="diffusers folders and .safetensors/.ckpt checkpoints in models/")  # fmt: skip
                 sampler = gr.Dropdown(list(SAMPLER_NAMES), value=field_spec(GenerateRequest, "sampler")["default"],
                                       label="Sampler")  # fmt: skip
                 refresh = gr.Button("Refresh lists", size="sm")

@@ -50,6 +50,8 @@ def build(ctx: UIContext) -> None:
         def send_to_form(info: dict | None):
             if not info or info.get("source") == "none":
                 raise gr.Error("this image has no parameters to load", title="Nothing to load")
-            return [*form_updates(ctx.form, info["params"]), gr.Tabs(selected="generate")]
+            params = dict(info["params"])
+            params["model"] = ctx.studio.match_model(params.get("model") or "") or None
+            return [*form_updates(ctx.form, params), gr.Tabs(selected="generate")]
 
         send.click(send_to_form, [details], [*form_targets(ctx.form), ctx.tabs], api_visibility="private")

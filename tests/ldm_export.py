@@ -1,0 +1,134 @@
+"""Write a tiny diffusers SD1-style pipeline as an original (LDM/A1111) single-file checkpoint.
+
+Test helper only: the inverse of diffusers' single-file conversion, generic over the number of UNet
+levels so the tiny demo model (block_out_channels (32, 64)) exports too. Tests check it by loading
+the file back through diffusers' own conversion and comparing images with the folder model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))  # fmt: skip
+
+
+def _rename_resnet(rest: str) -> str:
+    for hf, ldm in _RESNET:
+        if rest.startswith(hf + "."):
+            return ldm + rest[len(hf) :]
+    return rest
+
+
+def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    n = config["layers_per_block"]
+    levels = len(config["block_out_channels"])
+    up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
+    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        parts = key.split(".")
+        head, new = ".".join(parts[:-1]), None
+        if head in fixed:
+            new = f"{fixed[head]}.{parts[-1]}"
+        elif parts[0] == "down_blocks":
+            i, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                new = f"input_blocks.{(n + 1) * (i + 1)}.0.op." + ".".join(parts[5:])
+            else:
+                j = int(parts[3])
+                rest = ".".join(parts[4:])
+                idx = (n + 1) * i + j + 1
+                new = (
+                    f"input_blocks.{idx}.0.{_rename_resnet(rest)}"
+                    if kind == "resnets"
+                    else f"input_blocks.{idx}.1.{rest}"
+                )
+        elif parts[0] == "mid_block":
+            j, rest = int(parts[2]), ".".join(parts[3:])
+            new = (
+                f"middle_block.{2 * j}.{_rename_resnet(rest)}"
+                if parts[1] == "resnets"
+                else f"middle_block.1.{rest}"
+            )
+        elif parts[0] == "up_blocks":
+            i, kind = int(parts[1]), parts[2]
+            if kind == "upsamplers":
+                new = f"output_blocks.{(n + 1) * i + n}.{2 if up_has_attn[i] else 1}." + ".".join(parts[4:])
+            else:
+                j, rest = int(parts[3]), ".".join(parts[4:])
+                idx = (n + 1) * i + j
+                new = (
+                    f"output_blocks.{idx}.0.{_rename_resnet(rest)}"
+                    if kind == "resnets"
+                    else f"output_blocks.{idx}.1.{rest}"
+                )
+        if new is None:
+            raise KeyError(f"no LDM name for UNet weight {key}")
+        out["model.diffusion_model." + new] = value
+    assert levels == len(config["down_block_types"])
+    return out
+
+
+def vae_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    levels = len(config["block_out_channels"])
+    attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        k = key
+        for side in ("encoder", "decoder"):
+            for i in range(levels):
+                ldm_i = i if side == "encoder" else levels - 1 - i
+                blocks = "down" if side == "encoder" else "up"
+                k = k.replace(f"{side}.{blocks}_blocks.{i}.resnets.", f"{side}.{blocks}.{ldm_i}.block.")
+                k = k.replace(f"{side}.down_blocks.{i}.downsamplers.0.", f"{side}.down.{ldm_i}.downsample.")
+                k = k.replace(f"{side}.up_blocks.{i}.upsamplers.0.", f"{side}.up.{ldm_i}.upsample.")
+        for j in range(2):
+            k = k.replace(f"mid_block.resnets.{j}.", f"mid.block_{j + 1}.")
+        if "mid_block.attentions.0." in k:
+            k = k.replace("mid_block.attentions.0.", "mid.attn_1.")
+            for hf, ldm in attn.items():
+                k = k.replace(f"attn_1.{hf}.", f"attn_1.{ldm}.")
+            if value.ndim == 2:
+                value = value.reshape(*value.shape, 1, 1)
+        k = k.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        out["first_stage_model." + k] = value
+    return out
+
+
+def export_sd1_checkpoint(model_dir: Path, target: Path, fmt: str = "safetensors", **metadata: str) -> Path:
+    """The pipeline folder `model_dir` as one LDM checkpoint (`.safetensors` or a tensor-only `.ckpt`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+    te = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    sd = {
+        **unet_to_ldm(unet.state_dict(), dict(unet.config)),
+        **vae_to_ldm(vae.state_dict(), dict(vae.config)),
+    }
+    # original checkpoints name CLIP weights text_model.* (transformers 5 dropped that level)
+    sd.update({"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
+               for k, v in te.state_dict().items()})  # fmt: skip
+    sd = {k: v.contiguous().clone() for k, v in sd.items()}
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(target), metadata=metadata or None)
+    else:
+        torch.save({"state_dict": sd, "global_step": 1}, str(target))
+    return target
+
+
+def tiny_config_folder(model_dir: Path, target: Path) -> Path:
+    """A pipeline folder's configs and tokenizer without its weights (a per-family config folder)."""
+    import shutil
+
+    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.ckpt"))
+    return target
