@@ -120,7 +120,7 @@ def bench_gallery(rows: int = 10_000, runs: int = 50, page_size: int = 50, workd
     """Seed `rows` generations in a temp SQLite db, time `runs` page queries per filter scenario and once
     over all scenarios mixed; returns one dict per row: benchmark, runs, median_ms, p95_ms, matches,
     target, ok."""
-    from engine.gallery import ensure_thumbnail, gallery_page
+    from engine.gallery import count_statement, ensure_thumbnail, gallery_page, page_statement
     from engine.store import Database
 
     tmp = Path(workdir or tempfile.mkdtemp(prefix="studionova-gallery-bench-"))
@@ -130,12 +130,20 @@ def bench_gallery(rows: int = 10_000, runs: int = 50, page_size: int = 50, workd
         seed_database(db, tmp / "outputs", rows, random.Random(seed))
         cases = scenarios(page_size)
         results = []
+
+        def bare(query) -> None:  # baseline: the same two statements on a pooled SQLAlchemy Core connection
+            with db.engine.connect() as conn:
+                conn.execute(count_statement(query)).one()
+                conn.execute(page_statement(query)).all()
+
         for name, query in cases:
             page = gallery_page(db, query)
             assert len(page.items) == min(page_size, max(0, page.total - (query.page - 1) * page_size)), name
             times = timed(lambda query=query: gallery_page(db, query), runs)
+            base = timed(lambda query=query: bare(query), runs)
             results.append(dict(benchmark=f"gallery page of {page_size}: {name}", runs=runs,
-                                median_ms=statistics.median(times), p95_ms=p95(times), matches=page.total))  # fmt: skip
+                                median_ms=statistics.median(times), p95_ms=p95(times), matches=page.total,
+                                bare_ms=statistics.median(base)))  # fmt: skip
         mixed = [cases[i % len(cases)][1] for i in range(runs)]
         it = iter(mixed * 2)
         times = timed(lambda: gallery_page(db, next(it)), runs, warmup=0)
@@ -172,12 +180,13 @@ def bench_gallery(rows: int = 10_000, runs: int = 50, page_size: int = 50, workd
 
 def markdown_table(results: list[dict]) -> str:
     lines = [
-        "| benchmark | runs | median ms | p95 ms | matches | target | result |",
-        "|---|---:|---:|---:|---:|---|---|",
+        "| benchmark | runs | median ms | p95 ms | bare SQL median ms | ratio | matches | target | result |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in results:
-        lines.append(f"| {r['benchmark']} | {r['runs']} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {r['matches']} | "
-                     f"{r['target']} | {'PASS' if r['ok'] else 'FAIL'} |")  # fmt: skip
+        bare = f"{r['bare_ms']:.1f} | {r['median_ms'] / r['bare_ms']:.2f}x" if r.get("bare_ms") else "- | -"
+        lines.append(f"| {r['benchmark']} | {r['runs']} | {r['median_ms']:.1f} | {r['p95_ms']:.1f} | {bare} | "
+                     f"{r['matches']} | {r['target']} | {'PASS' if r['ok'] else 'FAIL'} |")  # fmt: skip
     return "\n".join(lines)
 
 
