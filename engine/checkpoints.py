@@ -178,6 +178,14 @@ def detect(path: Path, shapes: dict[str, tuple[int, ...]], metadata: dict[str, s
             hint = " (it looks like a VAE: put it in models/vae)"
         raise InputError(f"{path.name} is not a Stable Diffusion checkpoint: no {UNET_PREFIX}* weights{hint}")
     model_type = infer_diffusers_model_type({k: SimpleNamespace(shape=s) for k, s in shapes.items()})
+    if model_type == "v1":  # diffusers' probe keys sit in layer 9/23 of the text encoders: pruned or small
+        # models fall through to "v1"; the text encoder's layout still says which family it is
+        if any(k.startswith("conditioner.embedders.1.model.") for k in shapes):
+            model_type = "xl_base"
+        elif any(k.startswith("conditioner.embedders.0.model.") for k in shapes):
+            model_type = "xl_refiner"
+        elif any(k.startswith("cond_stage_model.model.") for k in shapes):
+            model_type = "v2"
     meta_text = " ".join(str(metadata.get(k, "")) for k in ("modelspec.title", "modelspec.architecture",
                                                             "modelspec.implementation"))  # fmt: skip
     turbo = bool(_TURBO_NAME.search(path.stem) or "turbo" in meta_text.lower())
@@ -233,7 +241,7 @@ def scan_checkpoints(roots, hashes) -> list[CheckpointEntry]:
 # --- offline configs --------------------------------------------------------------------------
 def clip_vocab(merges: list[str]) -> dict[str, int]:
     """CLIP's vocab.json from its BPE merges (bytes, bytes + '</w>', merges, start/end tokens)."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m.split()) for m in merges]

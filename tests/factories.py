@@ -200,7 +200,7 @@ def build_tiny_sdxl(refiner: bool = False):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=72 if refiner else 80, cross_attention_dim=32 if refiner else 64,
+        projection_class_embeddings_input_dim=72 if refiner else 80, cross_attention_dim=48 if refiner else 80,
         norm_num_groups=1,
     )  # fmt: skip
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
@@ -208,7 +208,9 @@ def build_tiny_sdxl(refiner: bool = False):
                         latent_channels=4, sample_size=64, norm_num_groups=32)  # fmt: skip
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")  # fmt: skip
-    te2 = CLIPTextModelWithProjection(te_cfg)
+    # text_encoder_2 wider than text_encoder, as in real SDXL (768 vs 1280): single-file loading tells the
+    # two encoders of a checkpoint apart by width
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**te_cfg.to_dict(), "hidden_size": 48}))
     if refiner:
         return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None,
                                                 tokenizer_2=build_tokenizer(), unet=unet, scheduler=scheduler,

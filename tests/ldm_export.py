@@ -27,6 +27,7 @@ def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Te
     levels = len(config["block_out_channels"])
     up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
     fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
              "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
@@ -99,6 +100,67 @@ def vae_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Ten
     return out
 
 
+def hf_clip_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5 state dicts drop the text_model. level original checkpoints (and diffusers) use."""
+    return {
+        k if k.startswith(("text_model.", "text_projection")) else "text_model." + k: v for k, v in sd.items()
+    }
+
+
+def open_clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIPTextModelWithProjection state dict in OpenCLIP's layout (as SDXL checkpoints hold it)."""
+    sd = hf_clip_keys(sd)
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    top = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
+           "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+           "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}  # fmt: skip
+    for key, value in sd.items():
+        if key in top:
+            out[prefix + top[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key.startswith("text_model.encoder.layers."):
+            rest = key.removeprefix("text_model.encoder.layers.")
+            n, rest = rest.split(".", 1)
+            base = f"{prefix}transformer.resblocks.{n}."
+            for proj in ("q", "k", "v"):
+                if rest.startswith(f"self_attn.{proj}_proj."):
+                    kind = rest.rsplit(".", 1)[1]  # weight | bias
+                    qkv.setdefault(f"{base}attn.in_proj_{kind}", {})[proj] = value
+                    break
+            else:
+                rest = (rest.replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2")
+                        .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj")
+                        .replace("self_attn.out_proj", "attn.out_proj"))  # fmt: skip
+                out[base + rest] = value
+        elif key != "text_model.embeddings.position_ids":
+            raise KeyError(f"no OpenCLIP name for {key}")
+    for key, parts in qkv.items():
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    return out
+
+
+def export_sdxl_checkpoint(pipe, target: Path) -> Path:
+    """A tiny diffusers SDXL base or refiner pipeline as an original SDXL single-file checkpoint."""
+    from safetensors.torch import save_file
+
+    sd = {**unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)),
+          **vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config))}  # fmt: skip
+    if pipe.text_encoder is not None:  # base: CLIP-L in HF layout, OpenCLIP-G in its own
+        sd.update(
+            {
+                "conditioner.embedders.0.transformer." + k: v
+                for k, v in hf_clip_keys(pipe.text_encoder.state_dict()).items()
+            }
+        )
+        sd.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.1.model."))
+    else:  # refiner: OpenCLIP-G only, as embedder 0
+        sd.update(open_clip_to_ldm(pipe.text_encoder_2.state_dict(), "conditioner.embedders.0.model."))
+    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(target))
+    return Path(target)
+
+
 def export_sd1_checkpoint(model_dir: Path, target: Path, fmt: str = "safetensors", **metadata: str) -> Path:
     """The pipeline folder `model_dir` as one LDM checkpoint (`.safetensors` or a tensor-only `.ckpt`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -111,9 +173,7 @@ def export_sd1_checkpoint(model_dir: Path, target: Path, fmt: str = "safetensors
         **unet_to_ldm(unet.state_dict(), dict(unet.config)),
         **vae_to_ldm(vae.state_dict(), dict(vae.config)),
     }
-    # original checkpoints name CLIP weights text_model.* (transformers 5 dropped that level)
-    sd.update({"cond_stage_model.transformer." + ("" if k.startswith("text_model.") else "text_model.") + k: v
-               for k, v in te.state_dict().items()})  # fmt: skip
+    sd.update({"cond_stage_model.transformer." + k: v for k, v in hf_clip_keys(te.state_dict()).items()})
     sd = {k: v.contiguous().clone() for k, v in sd.items()}
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -207,3 +207,43 @@ def test_code_pickle_checkpoint_is_refused_by_generate(studio, models_dir, tmp_p
         assert not sentinel.exists()
     finally:
         path.unlink()
+
+
+@pytest.mark.parametrize("refiner", [False, True], ids=["sdxl-base", "sdxl-refiner"])
+def test_sdxl_single_file_loads_offline_with_every_weight(tmp_path, refiner, monkeypatch):
+    """SDXL base (CLIP-L + OpenCLIP-G) and refiner (OpenCLIP-G as embedder 0) single files, through the
+    model manager's loader: every weight of every component equals the diffusers folder's."""
+    from engine.device import resolve_device
+    from engine.hashing import HashCache
+    from engine.pipelines import ModelManager
+    from engine.store import Database
+    from tests.factories import build_tiny_sdxl
+    from tests.ldm_export import export_sdxl_checkpoint, tiny_config_folder
+
+    monkeypatch.setattr(socket.socket, "connect", lambda *a, **k: pytest.fail("network access"))
+    pipe = build_tiny_sdxl(refiner=refiner)
+    family = "sdxl-refiner" if refiner else "sdxl"
+    pipe.save_pretrained(tmp_path / "folder")
+    tiny_config_folder(tmp_path / "folder", tmp_path / "configs" / family)
+    models = tmp_path / "models"
+    (models / "checkpoints").mkdir(parents=True)
+    export_sdxl_checkpoint(pipe, models / "checkpoints" / "xl.safetensors")
+    db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    db.create_all()
+    try:
+        mm = ModelManager(models, resolve_device("cpu", "auto", False), HashCache(db), configs_dir=tmp_path / "configs",
+                          cache_dir=tmp_path / "cache")  # fmt: skip
+        loaded = mm.get("xl.safetensors")
+        assert type(loaded.pipe).__name__ == (
+            "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
+        )
+        for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+            ours, theirs = getattr(loaded.pipe, name), getattr(pipe, name)
+            assert (ours is None) == (theirs is None), name
+            if theirs is not None:
+                a, b = ours.state_dict(), theirs.state_dict()
+                assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in b), name
+        if refiner:
+            assert mm.get_refiner("xl.safetensors").pipe is not None
+    finally:
+        db.dispose()
