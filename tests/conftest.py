@@ -8,6 +8,7 @@ import pytest
 from tests.factories import (
     AppProcess,
     build_tiny_sdxl,
+    save_compact_upscaler,
     save_controlnet,
     save_diffusers_lora,
     save_embedding_pt,
@@ -39,6 +40,7 @@ def models_dir(tmp_path_factory) -> Path:
     build_tiny_sdxl().save_pretrained(root / "diffusers" / "tiny-sdxl")
     build_tiny_sdxl(refiner=True).save_pretrained(root / "diffusers" / "tiny-sdxl-refiner")
     export_sd1_checkpoint(model_dir, root / "checkpoints" / "demo-single.safetensors")
+    save_compact_upscaler(root / "upscale_models" / "tiny-compact-x4.pth")
     return root
 
 

@@ -218,3 +218,14 @@ def build_tiny_sdxl(refiner: bool = False):
     return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(te_cfg), text_encoder_2=te2,
                                      tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), unet=unet,
                                      scheduler=scheduler)  # fmt: skip
+
+
+def save_compact_upscaler(path: Path, scale: int = 4) -> Path:
+    """A tiny Real-ESRGAN Compact (SRVGGNet) upscaler .pth with random weights, as spandrel loads it."""
+    import torch
+    from spandrel.architectures.Compact import Compact
+
+    torch.manual_seed(5)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale).state_dict(), str(path))
+    return path

@@ -121,3 +121,51 @@ def test_models_tab_lists_checkpoints_with_family_and_hash(app, models_dir, tmp_
             page.screenshot(path=str(tmp_path / "models.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_inpaint_with_a_mask_painted_in_the_browser(app, tmp_path):
+    """Upload a source into the inpaint editor, paint a stroke with the brush, generate: the painted
+    stroke becomes the mask, and pixels far from it are the source's."""
+    import numpy as np
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    src = tmp_path / "source.png"
+    Image.new("RGB", (64, 64), (30, 120, 200)).save(src)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url, wait_until="networkidle")
+            page.locator("#prompt textarea").fill("a painted patch")
+            set_slider(page, "steps", 2)
+            set_slider(page, "width", 64)
+            set_slider(page, "height", 64)
+            page.get_by_text("img2img / inpaint / outpaint").click()
+            editor = page.locator("#inpaint_editor")
+            editor.locator("input[type=file]").first.set_input_files(str(src))
+            # the editor's change event copies the uploaded source out: paint only once it is on the canvas
+            expect(page.locator("#init_image img")).to_be_visible(timeout=30_000)
+            editor.get_by_role("button", name="Brush", exact=True).click()
+            canvas = editor.locator("canvas").last
+            canvas.scroll_into_view_if_needed()
+            box = canvas.bounding_box()
+            cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+            page.mouse.move(cx - 10, cy)
+            page.mouse.down()
+            for i in range(10):
+                page.mouse.move(cx - 10 + 2 * i, cy)
+            page.mouse.up()
+            expect(page.locator("#mask_image img")).to_be_visible(timeout=30_000)
+            page.locator("#generate_btn").click()
+            expect(page.locator("#infotext textarea")).to_have_value(re.compile(r"Mask blur: 4"), timeout=90_000)
+            job_id = page.locator("#job_id textarea, #job_id input").first.input_value()
+            page.screenshot(path=str(tmp_path / "inpaint.png"), full_page=True)
+        finally:
+            browser.close()
+    status = Client(app.url, verbose=False).predict(job_id, api_name="/job_status")
+    first = status["result"]["images"][0]  # gradio_client downloads file-like values and gives their path
+    out = np.asarray(Image.open(first if isinstance(first, str) else first["path"]).convert("RGB"))
+    assert out.shape == (64, 64, 3)
+    assert (out[:6, :6] == (30, 120, 200)).all() and (out[-6:, -6:] == (30, 120, 200)).all()
+    assert not (out[28:36, 28:36] == (30, 120, 200)).all()  # the painted middle was repainted

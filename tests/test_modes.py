@@ -144,8 +144,9 @@ def test_empty_mask_is_a_clear_error(studio, source):
 
 
 # --- hires fix ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos", "tiny-compact-x4"])
 def test_hires_fix_output_size(studio, upscaler):
+    """Latent, Lanczos, or an upscale model from models/upscale_models (Real-ESRGAN Compact via spandrel)."""
     res = run(studio, seed=21, steps=2, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler,
               hr_second_pass_steps=2, hr_denoising_strength=0.6)  # fmt: skip
     img = Image.open(res["images"][0]["path"])

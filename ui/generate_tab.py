@@ -257,6 +257,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
 
     refresh.click(refresh_lists, None, [model, refiner, lora_pick, vae, controlnet, hr_upscaler, styles], **PRIVATE)
     editor.change(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)
+    editor.upload(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)  # source shows at once
 
     def save_style(name: str, prompt: str, negative_prompt: str):
         with engine_errors():
