@@ -214,6 +214,36 @@ def _prediction_type(
     return "epsilon", "default"
 
 
+def folder_family(folder: Path) -> str:
+    """The same family labels for a diffusers folder, from its configs (no weights read)."""
+    folder = Path(folder)
+
+    def config(rel: str) -> dict:
+        p = folder / rel
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+    cls = config("model_index.json").get("_class_name", "")
+    unet = config("unet/config.json")
+    if "XL" in cls:
+        model_type = (
+            "xl_refiner" if config("model_index.json").get("text_encoder", [None])[0] is None else "xl_base"
+        )
+        if unet.get("in_channels") == 9:
+            model_type = "xl_inpaint"
+    elif cls.startswith("StableDiffusion"):
+        v2 = config("text_encoder/config.json").get("hidden_size") == 1024
+        model_type = (
+            ("inpainting_v2" if v2 else "inpainting")
+            if unet.get("in_channels") == 9
+            else ("v2" if v2 else "v1")
+        )
+    else:
+        return cls or "unknown"
+    prediction = config("scheduler/scheduler_config.json").get("prediction_type", "epsilon")
+    turbo = bool(_TURBO_NAME.search(folder.name))
+    return describe(model_type, prediction, turbo, "config").family
+
+
 def inspect_checkpoint(path: Path) -> CheckpointInfo:
     shapes, metadata = read_shapes(path)
     return detect(path, shapes, metadata)

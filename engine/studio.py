@@ -4,7 +4,6 @@ pipelines or sessions. Built by `Studio.start(settings)`; nothing happens at imp
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 from collections.abc import Iterator
@@ -193,7 +192,8 @@ class Studio:
     def model_inventory(self) -> list[dict]:
         """Every model under models/ with family, size, SHA-256 and A1111 short hash (cached)."""
         from engine.artifacts import folder_files, folder_hash, lora_short_hash
-        from engine.checkpoints import scan_checkpoints
+        from engine.checkpoints import folder_family, scan_checkpoints
+        from engine.demo_model import is_demo_folder
 
         rows: list[dict] = []
         for entry in scan_checkpoints(self.roots, self.hashes):
@@ -201,12 +201,7 @@ class Studio:
                          "sha256": entry.sha256, "short_hash": entry.short_hash, "error": entry.error or ""})  # fmt: skip
         for name, path in self.roots.list_diffusers_folders().items():
             files = {p.relative_to(path).as_posix(): self.hashes.sha256(p) for p in folder_files(path)}
-            index = path / "model_index.json"
-            family = (
-                json.loads(index.read_text(encoding="utf-8")).get("_class_name", "")
-                if index.is_file()
-                else ""
-            )
+            family = folder_family(path) + (" · demo, random weights" if is_demo_folder(path) else "")
             rows.append({"kind": "diffusers", "name": name, "family": family,
                          "size": sum(p.stat().st_size for p in folder_files(path)),
                          "sha256": "", "short_hash": folder_hash(files)})  # fmt: skip
@@ -216,6 +211,13 @@ class Studio:
                 short = self.hashes.cached(path, "lora12", lora_short_hash) if kind == "loras" else sha[:10]
                 rows.append({"kind": kind, "name": name, "family": "", "size": path.stat().st_size, "sha256": sha,
                              "short_hash": short})  # fmt: skip
+        for folder in self.roots.folders("controlnet"):  # diffusers-format ControlNets are folders
+            for config in sorted(folder.rglob("config.json")):
+                files = {p.relative_to(config.parent).as_posix(): self.hashes.sha256(p)
+                         for p in folder_files(config.parent)}  # fmt: skip
+                rows.append({"kind": "controlnet", "name": config.parent.relative_to(folder).as_posix(),
+                             "family": "diffusers folder", "size": sum(p.stat().st_size for p in folder_files(config.parent)),
+                             "sha256": "", "short_hash": folder_hash(files)})  # fmt: skip
         return rows
 
     @property

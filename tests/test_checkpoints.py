@@ -128,6 +128,17 @@ def test_tensor_only_ckpt_reads_and_unwraps_state_dict(tmp_path):
         read_state_dict(tmp_path / "model.gguf")
 
 
+def test_shipped_config_folders_read_as_their_families():
+    labels = {name: checkpoints.folder_family(checkpoints.SHIPPED_CONFIGS / name)
+              for name in ("sd1", "sd2", "sdxl", "sdxl-refiner")}  # fmt: skip
+    assert labels == {
+        "sd1": "SD1.x",
+        "sd2": "SD2.x (v-prediction)",
+        "sdxl": "SDXL",
+        "sdxl-refiner": "SDXL refiner",
+    }
+
+
 def test_config_folder_patches_variants_and_builds_clip_vocab(tmp_path, model_configs):
     shipped = checkpoints.SHIPPED_CONFIGS
     if (shipped / "sd1" / "model_index.json").is_file():
@@ -173,9 +184,16 @@ def test_scan_lists_family_size_and_cached_hashes(studio, models_dir, monkeypatc
 
     monkeypatch.setattr(checkpoints, "inspect_checkpoint", boom)
     monkeypatch.setattr("engine.artifacts.sha256_file", boom)
-    again = {r["name"]: r for r in studio.model_inventory() if r["kind"] == "checkpoints"}
-    assert again["demo-single.safetensors"] == row
+    again = studio.model_inventory()
+    assert {r["name"]: r for r in again if r["kind"] == "checkpoints"}["demo-single.safetensors"] == row
     assert "demo-single.safetensors" in [n for _, n in studio.model_choices()]
+    families = {(r["kind"], r["name"]): r["family"] for r in again}
+    assert families[("diffusers", "studionova-demo")] == "SD1.x · demo, random weights"
+    assert (
+        families[("diffusers", "tiny-sdxl")] == "SDXL"
+        and families[("diffusers", "tiny-sdxl-refiner")] == "SDXL refiner"
+    )
+    assert ("controlnet", "tiny-canny") in families
 
 
 def test_single_file_checkpoint_loads_offline_and_renders_like_its_folder(studio, monkeypatch):
