@@ -37,8 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, help=f"{help_text} (default: {default})",
-                                type=int if f.type in ("int", int) else str)  # fmt: skip
+                                type=_ARG_TYPES.get(f.type, str))  # fmt: skip
     return parser
+
+
+_ARG_TYPES = {"int": int, int: int, "float": float, float: float}
 
 
 def settings_from_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
@@ -51,8 +54,8 @@ def settings_from_args(argv: list[str] | None = None, environ: dict[str, str] | 
         if value is None and env_name(f.name) in environ:
             raw = environ[env_name(f.name)]
             value = raw.lower() in _TRUE if f.type in ("bool", bool) else raw
-            if f.type in ("int", int):
-                value = int(raw)
+            if f.type in _ARG_TYPES:
+                value = _ARG_TYPES[f.type](raw)
         if value is not None:
             values[f.name] = value
     if environ.get("SPACE_ID"):
@@ -66,7 +69,7 @@ def build_app(studio, settings: Settings):
     """The Gradio Blocks app: one tab per ui/ module, a queue with explicit limits."""
     import gradio as gr
 
-    from ui import gallery_tab, generate_tab, jobs_tab, models_tab, pnginfo_tab
+    from ui import gallery_tab, generate_tab, jobs_tab, library_tab, models_tab, pnginfo_tab, variants_tab
     from ui.common import UIContext
 
     with gr.Blocks(title="StudioNOVA", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
@@ -84,6 +87,10 @@ def build_app(studio, settings: Settings):
                 pnginfo_tab.build(ctx)
             with gr.Tab("Models", id="models"):
                 models_tab.build(ctx)
+            with gr.Tab("Library", id="library"):
+                library_tab.build(ctx)
+            with gr.Tab("Variants", id="variants"):
+                variants_tab.build(ctx)
             with gr.Tab("Jobs", id="jobs"):
                 jobs_tab.build(ctx)
     demo.queue(api_open=False, max_size=settings.max_queue, default_concurrency_limit=4)

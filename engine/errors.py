@@ -15,6 +15,10 @@ class NotFoundError(InputError):
     """A named model, LoRA, job or file does not exist."""
 
 
+class BudgetExceededError(InputError):
+    """The daily GPU budget is spent: new GPU jobs are refused until the next UTC day."""
+
+
 class PermissionDeniedError(StudioError):
     """The caller may not act on this job."""
 

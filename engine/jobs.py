@@ -26,6 +26,7 @@ from sqlalchemy import update
 from sqlmodel import select
 
 from engine.errors import (
+    BudgetExceededError,
     InputError,
     JobCancelledError,
     NotFoundError,
@@ -69,6 +70,10 @@ JOB_KINDS: dict[str, JobKind] = {
         uses_gpu=False,
         resumable=True,
     ),  # fmt: skip
+    "variants": JobKind(
+        "engine.variants:run_variants_job", "engine.variants:VariantsRequest", uses_gpu=False
+    ),
+    "cleanup": JobKind("engine.variants:run_cleanup_job", "engine.variants:CleanupRequest", uses_gpu=False),
 }
 
 
@@ -220,8 +225,9 @@ class InProcessExecutor:
 class JobService:
     """submit / cancel / retry / resume / watch / status: the engine's job facade."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, daily_gpu_minutes: float = 0.0) -> None:
         self.db = db
+        self.daily_gpu_minutes = daily_gpu_minutes  # 0 = no budget
         self.bus = EventBus()
         self.executor: InProcessExecutor | None = None
         self._cancelled: set[str] = set()
@@ -237,6 +243,8 @@ class JobService:
         """Write the job row now (status queued); returns (job_id, cancel_token)."""
         if kind not in JOB_KINDS:
             raise InputError(f"job kind {kind!r} is unknown; allowed: {', '.join(JOB_KINDS)}")
+        if JOB_KINDS[kind].uses_gpu:
+            self.check_budget()
         token = secrets.token_urlsafe(18)
         data = request.model_dump(mode="json") if hasattr(request, "model_dump") else dict(request)
         job = Job(
@@ -484,6 +492,43 @@ class JobService:
         kind = "done" if job.status == "succeeded" else job.status
         return {"type": kind, "job_id": job.id, "status": job.status, "result": job.result, "error": job.error,
                 "error_type": job.error_type}  # fmt: skip
+
+    def gpu_seconds_today(self) -> float:
+        """Device-seconds of GPU job kinds finished since 00:00 UTC today."""
+        from sqlalchemy import func
+
+        start = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        with self.db.session() as s:
+            used = s.exec(select(func.coalesce(func.sum(Job.gpu_seconds), 0.0)).where(
+                Job.finished_at.is_not(None), Job.finished_at >= start)).one()  # fmt: skip
+        return float(used[0] if isinstance(used, tuple | list) else used)
+
+    def check_budget(self) -> None:
+        if self.daily_gpu_minutes <= 0:
+            return
+        used = self.gpu_seconds_today() / 60
+        if used >= self.daily_gpu_minutes:
+            raise BudgetExceededError(
+                f"the daily GPU budget of {self.daily_gpu_minutes:g} minutes is used up ({used:.1f} min today); "
+                "new GPU jobs are refused until 00:00 UTC. Raise --daily-gpu-minutes (0 = no budget) to go on; "
+                "media jobs (variants, downloads) still run"
+            )
+
+    def usage_by_kind(self, days: int = 30):
+        """Jobs and CPU/GPU seconds per day and job kind (a pandas DataFrame)."""
+        import pandas as pd
+
+        since = utcnow() - timedelta(days=days)
+        with self.db.session() as s:
+            rows = s.exec(select(Job.finished_at, Job.kind, Job.run_seconds, Job.gpu_seconds).where(
+                Job.finished_at.is_not(None), Job.finished_at >= since)).all()  # fmt: skip
+        df = pd.DataFrame(rows, columns=["finished_at", "kind", "run_seconds", "gpu_seconds"])
+        if df.empty:
+            return pd.DataFrame(columns=["day", "kind", "jobs", "run_seconds", "gpu_seconds"])
+        df["day"] = pd.to_datetime(df["finished_at"]).dt.strftime("%Y-%m-%d")
+        out = df.groupby(["day", "kind"]).agg(jobs=("run_seconds", "size"), run_seconds=("run_seconds", "sum"),
+                                               gpu_seconds=("gpu_seconds", "sum")).reset_index()  # fmt: skip
+        return out.sort_values(["day", "kind"], ascending=[False, True]).round(2)
 
     def usage(self, days: int = 30):
         """Device-seconds per day and per model (pandas DataFrames)."""

@@ -73,6 +73,10 @@ class Settings:
             "(default: the ones shipped in engine/model_configs; loading stays offline)"
         },
     )
+    daily_gpu_minutes: float = field(
+        default=0.0,
+        metadata={"help": "GPU minutes per UTC day after which new GPU jobs are refused (0 = no budget)"},
+    )
     cpu_offload: bool = field(
         default=False, metadata={"help": "enable model CPU offload on CUDA (saves VRAM, slower)"}
     )
@@ -90,6 +94,14 @@ class Settings:
             raise InputError(f"dtype={self.dtype!r} is unknown; allowed: {', '.join(DTYPE_CHOICES)}")
         if self.max_upload_mb < 1:
             raise InputError(f"max_upload_mb={self.max_upload_mb!r} must be at least 1")
+        try:
+            self.daily_gpu_minutes = float(self.daily_gpu_minutes)
+        except (TypeError, ValueError):
+            raise InputError(
+                f"daily_gpu_minutes={self.daily_gpu_minutes!r} must be a number of minutes"
+            ) from None
+        if self.daily_gpu_minutes < 0:
+            raise InputError(f"daily_gpu_minutes={self.daily_gpu_minutes!r} must be 0 (no budget) or more")
         if self.jobs_per_device < 1:
             raise InputError(f"jobs_per_device={self.jobs_per_device!r} must be at least 1")
         if self.auth:

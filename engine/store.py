@@ -114,6 +114,47 @@ class GenerationLora(SQLModel, table=True):
     __table_args__ = (Index("ix_generationlora_name", "name", "generation_id"),)
 
 
+class MediaCollection(SQLModel, table=True):
+    """A named group of library videos or audios (the variant generator picks whole collections)."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    kind: str = Field(index=True, max_length=10)  # video | audio
+    name: str = Field(max_length=120)
+    created_at: datetime = Field(default_factory=utcnow)
+
+    __table_args__ = (Index("ux_mediacollection_kind_name", "kind", "name", unique=True),)
+
+
+class MediaItem(SQLModel, table=True):
+    """A video, audio or image in the media library; its file lives under <data>/library/."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    kind: str = Field(index=True, max_length=10)  # video | audio | image
+    name: str = Field(index=True, max_length=200)
+    path: str = Field(unique=True)
+    size: int = 0
+    duration: float | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    has_audio: bool = False
+    tags: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    collection_id: str | None = Field(default=None, foreign_key="mediacollection.id", ondelete="SET NULL",
+                                      index=True, max_length=32)  # fmt: skip
+    thumbnail: str = ""  # a poster frame (video/image) or a waveform (audio), beside the file
+    sha256: str = Field(default="", max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class Hook(SQLModel, table=True):
+    """A short text (a hook line) with a category, overlaid on variants."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    text: str = Field(max_length=500)
+    category: str = Field(default="general", index=True, max_length=80)
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
 class FileHash(SQLModel, table=True):
     """SHA-256 of a file, cached by path + size + mtime (hashing multi-GB weights is slow)."""
 

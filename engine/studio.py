@@ -54,7 +54,7 @@ class Studio:
         plan = resolve_device(settings.device, settings.dtype, settings.cpu_offload)
         db = Database(settings.resolved_database_url)
         db.create_all()
-        jobs = JobService(db)
+        jobs = JobService(db, daily_gpu_minutes=settings.daily_gpu_minutes)
         ver = app_version()
 
         def runtime_factory(device: str):
@@ -70,9 +70,38 @@ class Studio:
             log.info("recovered jobs: %s", jobs.recover())
         if studio.default_model():
             executor.warm(studio.default_model())
+        studio.start_cleanup_timer()
         return studio
 
+    CLEANUP_INTERVAL_S = 3600.0
+
+    def start_cleanup_timer(self) -> None:
+        """Expired variant batches are removed by a "cleanup" job now and then every hour."""
+        import threading
+
+        self._cleanup_stop = threading.Event()
+
+        def loop() -> None:
+            while not self._cleanup_stop.is_set():
+                try:
+                    from engine.variants import expired_batches
+
+                    if expired_batches(self.db):
+                        self.jobs.submit("cleanup", self._cleanup_request(), owner="system")
+                except Exception:  # the database may be closing; try again next round
+                    log.exception("could not queue the cleanup job")
+                self._cleanup_stop.wait(self.CLEANUP_INTERVAL_S)
+
+        threading.Thread(target=loop, name="batch-cleanup", daemon=True).start()
+
+    def _cleanup_request(self):
+        from engine.variants import CleanupRequest
+
+        return CleanupRequest.build()
+
     def close(self) -> None:
+        if getattr(self, "_cleanup_stop", None) is not None:
+            self._cleanup_stop.set()
         self.executor.stop()
         self.db.dispose()
 
@@ -304,6 +333,71 @@ class Studio:
     def embedding_names(self) -> list[str]:
         return sorted(Path(n).name for n in self.roots.list_files("embeddings"))
 
+    # --- media library and variants -----------------------------------------------------------
+    @property
+    def library(self):
+        from engine.library import Library
+        from engine.variants import library_root
+
+        return Library(self.db, library_root(self.settings.outputs_dir))
+
+    def build_variants_request(self, values: dict[str, Any]):
+        from engine.variants import VariantsRequest, plan
+
+        req = VariantsRequest.build(**values)
+        return req, plan(req, self.library)  # nothing selected, unknown ids, over the limit: refused now
+
+    def preview_variants(self, values: dict[str, Any]) -> dict:
+        """How many variants a selection makes and which, without rendering anything."""
+        req, assignments = self.build_variants_request(values)
+        return {"count": len(assignments), "mode": req.mode, "variants": [a.describe() for a in assignments]}
+
+    def submit_variants(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        req, _ = self.build_variants_request(values)
+        return self.jobs.submit("variants", req, owner=owner)
+
+    def speak(
+        self, values: dict[str, Any], name: str = "", tags: str = "tts", collection_id: str = ""
+    ) -> dict:
+        """Text to speech (built-in espeak-ng voice or an OpenAI-compatible server), saved as a library audio."""
+        import tempfile
+
+        from engine.library import public_item
+        from engine.media.tts import SpeechRequest, speak
+
+        req = SpeechRequest(**values)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-speech-", dir=self.settings.cache_dir))
+        try:
+            result = speak(req, tmp / "speech.wav")
+            words = " ".join(req.text.split()[:6])
+            item = self.library.add_file(result.path, name=name or f"speech: {words}", tags=tags,
+                                         collection_id=collection_id or None, kind="audio")  # fmt: skip
+        finally:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        return {**public_item(item, self.library.root), "voice": result.voice, "backend": result.backend,
+                "sample_rate": result.sample_rate, "speech_seconds": round(result.duration, 3)}  # fmt: skip
+
+    def voices(self) -> list[str]:
+        from engine.media.tts import list_voices
+
+        return sorted({v.name for v in list_voices()} | {"en", "en-us"})
+
+    def batch_zip(self, batch_id: str) -> str:
+        job = self.jobs.status(batch_id)
+        if job["kind"] != "variants":
+            raise InputError(f"job {batch_id!r} is a {job['kind']} job, not a variants batch")
+        if job["status"] != "succeeded":
+            raise InputError(f"batch {batch_id!r} is {job['status']}; a ZIP exists once it has succeeded")
+        result = job.get("result") or {}
+        if result.get("expired"):
+            raise NotFoundError(f"batch {batch_id!r} has expired and its files were removed")
+        path = self.settings.outputs_dir / result["zip"]
+        if not path.is_file():
+            raise NotFoundError(f"batch {batch_id!r}: its ZIP is gone")
+        return str(path)
+
     def submit_generate(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         return self.jobs.submit("generate", self.build_generate_request(values), owner=owner)
 
@@ -328,5 +422,58 @@ class Studio:
     def usage(self):
         return self.jobs.usage()
 
+    def usage_by_kind(self):
+        return self.jobs.usage_by_kind()
+
+    def budget(self) -> dict:
+        return {
+            "daily_gpu_minutes": self.jobs.daily_gpu_minutes,
+            "used_minutes": self.jobs.gpu_seconds_today() / 60,
+        }
+
+    def storage(self):
+        """Bytes and files per kind: library media, generated images, variant batches, models, database."""
+        import pandas as pd
+        from sqlalchemy import func
+        from sqlmodel import select
+
+        from engine.store import Asset, MediaItem
+
+        rows: list[dict] = []
+        with self.db.session() as s:
+            for kind, n, size in s.exec(select(MediaItem.kind, func.count(), func.coalesce(func.sum(MediaItem.size), 0))
+                                        .group_by(MediaItem.kind)):  # fmt: skip
+                rows.append({"kind": f"library {kind}s", "files": n, "bytes": int(size)})
+            for kind, n, size in s.exec(select(Asset.kind, func.count(), func.coalesce(func.sum(Asset.size), 0))
+                                        .group_by(Asset.kind)):  # fmt: skip
+                label = "variant batches" if kind == "video" else f"generated {kind}s"
+                rows.append({"kind": label, "files": n, "bytes": int(size)})
+        n, size = _tree_size(self.settings.models_dir)
+        rows.append({"kind": "models", "files": n, "bytes": size})
+        if self.db.is_sqlite:
+            db_files = [p for p in self.settings.data_dir.glob("studio.db*") if p.is_file()]
+            rows.append(
+                {"kind": "database", "files": len(db_files), "bytes": sum(p.stat().st_size for p in db_files)}
+            )
+        df = pd.DataFrame(rows, columns=["kind", "files", "bytes"])
+        df["MB"] = (df["bytes"] / 1e6).round(1)
+        return df
+
     def job_kinds(self) -> list[str]:
         return list(JOB_KINDS)
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    """(files, bytes) under root, symlinks not followed."""
+    import os
+
+    count = size = 0
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            count += 1
+            size += st.st_size
+    return count, size

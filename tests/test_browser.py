@@ -144,8 +144,9 @@ def test_inpaint_with_a_mask_painted_in_the_browser(app, tmp_path):
             page.get_by_text("img2img / inpaint / outpaint").click()
             editor = page.locator("#inpaint_editor")
             editor.locator("input[type=file]").first.set_input_files(str(src))
-            # the editor's change event copies the uploaded source out: paint only once it is on the canvas
-            expect(page.locator("#init_image img")).to_be_visible(timeout=30_000)
+            # paint only once the upload has reached the server and the canvas (its events copy the source out)
+            page.wait_for_load_state("networkidle")
+            page.wait_for_timeout(1500)
             editor.get_by_role("button", name="Brush", exact=True).click()
             canvas = editor.locator("canvas").last
             canvas.scroll_into_view_if_needed()
@@ -157,6 +158,7 @@ def test_inpaint_with_a_mask_painted_in_the_browser(app, tmp_path):
                 page.mouse.move(cx - 10 + 2 * i, cy)
             page.mouse.up()
             expect(page.locator("#mask_image img")).to_be_visible(timeout=30_000)
+            expect(page.locator("#init_image img")).to_be_visible(timeout=30_000)
             page.locator("#generate_btn").click()
             expect(page.locator("#infotext textarea")).to_have_value(re.compile(r"Mask blur: 4"), timeout=90_000)
             job_id = page.locator("#job_id textarea, #job_id input").first.input_value()

@@ -71,7 +71,9 @@ def build(ctx: UIContext) -> None:
     def show(*values):
         result = gallery(*values)
         items = result["items"]
-        pictures = [(it["thumbnail_path"] or it["image_path"], f"{it['seed']} · {it['model']}") for it in items]
+        pictures = [
+            (it["thumbnail_path"] or it["image_path"], f"{it['seed']} · {it['model']}") for it in items
+        ]
         text_ = f"{result['total']} image(s) · page {result['page']} of {result['pages']}"
         return pictures, [it["generation_id"] for it in items], text_, result["page"]
 
@@ -116,7 +118,9 @@ def build(ctx: UIContext) -> None:
         failed = f"; {len(res.failed)} could not be deleted: {res.failed}" if res.failed else ""
         return f"deleted {res.deleted} image(s) and their files{failed}"
 
-    trash_btn.click(trash, [selected], [summary], **PRIVATE).then(show, filters, [grid, ids, summary, page], **PRIVATE)
+    trash_btn.click(trash, [selected], [summary], **PRIVATE).then(
+        show, filters, [grid, ids, summary, page], **PRIVATE
+    )
     restore_btn.click(restore, [selected], [summary], **PRIVATE).then(show, filters, [grid, ids, summary, page],
                                                                          **PRIVATE)  # fmt: skip
     empty_btn.click(empty, None, [summary], **PRIVATE)

@@ -125,7 +125,9 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 subseed_strength = _slider("subseed_strength", "Variation strength", step=0.01)
             with gr.Accordion("ControlNet", open=False):
                 with gr.Row():
-                    controlnet = gr.Dropdown(["", *studio.controlnet_names()], value="", label="ControlNet model")
+                    controlnet = gr.Dropdown(
+                        ["", *studio.controlnet_names()], value="", label="ControlNet model"
+                    )
                     control_pre = gr.Radio(["none", "canny"], value="none", label="Preprocessor",
                                            info="none: the image is already a canny/depth/pose map")  # fmt: skip
                     cn_scale = _slider("controlnet_scale", "Weight", step=0.05)
@@ -136,7 +138,9 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 axis_names = list(AXES)
                 with gr.Row():
                     x_type = gr.Dropdown(axis_names, value="Seed", label="X type")
-                    x_values = gr.Textbox(label="X values", value="", placeholder="1, 2, 3 or 1-5 or 10-30 [3]")
+                    x_values = gr.Textbox(
+                        label="X values", value="", placeholder="1, 2, 3 or 1-5 or 10-30 [3]"
+                    )
                 with gr.Row():
                     y_type = gr.Dropdown(axis_names, value="Nothing", label="Y type")
                     y_values = gr.Textbox(label="Y values", value="")
@@ -255,7 +259,9 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 gr.update(choices=["", *studio.vae_names()]), gr.update(choices=["", *studio.controlnet_names()]),
                 gr.update(choices=studio.hires_upscalers()), gr.update(choices=studio.styles().names()))  # fmt: skip
 
-    refresh.click(refresh_lists, None, [model, refiner, lora_pick, vae, controlnet, hr_upscaler, styles], **PRIVATE)
+    refresh.click(
+        refresh_lists, None, [model, refiner, lora_pick, vae, controlnet, hr_upscaler, styles], **PRIVATE
+    )
     editor.change(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)
     editor.upload(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)  # source shows at once
 
@@ -297,7 +303,9 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 yield [], jid, token, "**cancelled**"
                 return
             elif event["type"] in ("failed", "interrupted"):
-                raise gr.Error(f"job {jid} {event['type']}: {event.get('error', '')}", title="X/Y/Z plot failed")
+                raise gr.Error(
+                    f"job {jid} {event['type']}: {event.get('error', '')}", title="X/Y/Z plot failed"
+                )
 
     xyz_fields = {**fields, "x_type": x_type, "x_values": x_values, "y_type": y_type, "y_values": y_values,
                   "z_type": z_type, "z_values": z_values, "draw_legend": draw_legend}  # fmt: skip

@@ -53,9 +53,12 @@ def build(ctx: UIContext) -> None:
         resume_btn = gr.Button("Resume")
         refresh_btn = gr.Button("Refresh")
     details = gr.JSON(label="Job status")
-    with gr.Accordion("Usage (device-seconds)", open=False):
+    with gr.Accordion("Usage (device-seconds, jobs per kind, storage, GPU budget)", open=False):
+        budget = gr.Markdown(elem_id="usage_budget")
         per_day = gr.Dataframe(label="Per day", interactive=False)
         per_model = gr.Dataframe(label="Per model", interactive=False)
+        per_kind = gr.Dataframe(label="Jobs per day and kind", interactive=False)
+        storage = gr.Dataframe(label="Storage used", interactive=False)
     timer = gr.Timer(2.0)
 
     def _token(jid: str, token: str, tokens: dict | None) -> str:
@@ -113,14 +116,27 @@ def build(ctx: UIContext) -> None:
 
     def refresh():
         day, model = studio.usage()
-        return render_jobs_table(studio.recent_jobs()), day, model
+        info = studio.budget()
+        text = (f"GPU today: **{info['used_minutes']:.1f} min**"
+                + (f" of a {info['daily_gpu_minutes']:g} min budget" if info["daily_gpu_minutes"] else " (no budget)"))  # fmt: skip
+        return (
+            render_jobs_table(studio.recent_jobs()),
+            day,
+            model,
+            studio.usage_by_kind(),
+            studio.storage(),
+            text,
+        )
 
-    refresh_btn.click(refresh, None, [table, per_day, per_model], **PRIVATE)
+    refresh_btn.click(refresh, None, [table, per_day, per_model, per_kind, storage, budget], **PRIVATE)
 
     def usage() -> dict:
-        """Device-seconds and GPU-seconds per day and per model over the last 30 days."""
+        """Device-seconds and GPU-seconds per day and per model over the last 30 days; jobs per day and kind;
+        storage used per kind; today's GPU minutes against the daily budget."""
         day, model = studio.usage()
-        return {"per_day": day.to_dict(orient="records"), "per_model": model.to_dict(orient="records")}
+        return {"per_day": day.to_dict(orient="records"), "per_model": model.to_dict(orient="records"),
+                "per_kind": studio.usage_by_kind().to_dict(orient="records"),
+                "storage": studio.storage().to_dict(orient="records"), "budget": studio.budget()}  # fmt: skip
 
     api.click(usage, None, [hidden_status], api_name="usage")
     timer.tick(

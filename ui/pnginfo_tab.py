@@ -39,7 +39,9 @@ def build(ctx: UIContext) -> None:
         if not image:
             return "", "", "", None
         info = png_info(image)
-        label = {"none": "no generation metadata found"}.get(info["source"], f"read from **{info['source']}**")
+        label = {"none": "no generation metadata found"}.get(
+            info["source"], f"read from **{info['source']}**"
+        )
         return label, info["infotext"], "\n".join(info["unmapped"]), info
 
     image.change(show, [image], [source, infotext, unmapped, details], api_visibility="private")
@@ -47,6 +49,7 @@ def build(ctx: UIContext) -> None:
     image.upload(png_info, [image], [hidden], api_name="png_info")
 
     if ctx.form is not None:
+
         def send_to_form(info: dict | None):
             if not info or info.get("source") == "none":
                 raise gr.Error("this image has no parameters to load", title="Nothing to load")

@@ -27,7 +27,9 @@ def form_updates(form: dict[str, Any], params: dict[str, Any], init_image: str |
         if name in params and params[name] is not None:
             value = params[name]
             if name == "loras" and isinstance(value, list):
-                value = ", ".join(v if isinstance(v, str) else f"{v['name']}:{v.get('weight', 1):g}" for v in value)
+                value = ", ".join(
+                    v if isinstance(v, str) else f"{v['name']}:{v.get('weight', 1):g}" for v in value
+                )
             out.append(value)
         else:
             out.append(gr.skip())

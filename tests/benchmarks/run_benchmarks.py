@@ -129,17 +129,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--only", choices=["generation", "gallery"], default="")
+    parser.add_argument("--only", choices=["generation", "gallery", "variants"], default="")
     args = parser.parse_args()
     ok = True
-    if args.only != "gallery":
+    if args.only in ("", "generation"):
         ok &= bench_generation(args)
-    if args.only != "generation":
+    if args.only in ("", "gallery"):
         ok &= bench_gallery_section(args)
+    if args.only in ("", "variants"):
+        from tests.benchmarks.variants_bench import bench_variants_section
+
+        ok &= bench_variants_section(args, write_section, VARIANTS_HEADING, machine())
     return 0 if ok else 1
 
 
 GALLERY_HEADING = "## Gallery (issue 3)"
+VARIANTS_HEADING = "## Variant batches (issue 4)"
+SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING)
 # Observed by hand over several runs of the generation section; kept with it when it is rewritten.
 SPREAD_NOTE = """
 ## Run-to-run spread on this machine (hand-written, 2026-11-22)
@@ -161,17 +167,20 @@ where sampling is off the CPU.
 
 
 def write_section(out: Path, heading: str | None, text: str) -> None:
-    """Replace one section of BENCHMARKS.md (heading=None: the generation part before the first
-    `## ` section written by this script), keeping the others."""
+    """Replace one section of BENCHMARKS.md, keeping the others: heading=None is the generation part
+    (everything before the first section this script owns), else one of SECTION_HEADINGS."""
     old = out.read_text(encoding="utf-8") if out.exists() else ""
-    head, _, gallery = old.partition(GALLERY_HEADING)
-    if heading is None:
-        tail = GALLERY_HEADING + gallery if gallery else ""
-        out.write_text(text.rstrip() + "\n\n" + tail, encoding="utf-8")
-    else:
-        out.write_text(
-            (head.rstrip() + "\n\n" if head.strip() else "") + text.rstrip() + "\n", encoding="utf-8"
-        )
+    marks = sorted((old.find(h), h) for h in SECTION_HEADINGS if h in old)
+    head_end = marks[0][0] if marks else len(old)
+    parts = {None: old[:head_end]}
+    for i, (start, h) in enumerate(marks):
+        end = marks[i + 1][0] if i + 1 < len(marks) else len(old)
+        parts[h] = old[start:end]
+    parts[heading] = text
+    order = [None, *SECTION_HEADINGS]
+    out.write_text(
+        "\n\n".join(parts[h].strip() for h in order if parts.get(h, "").strip()) + "\n", encoding="utf-8"
+    )
 
 
 def bench_gallery_section(args) -> bool:

@@ -1,0 +1,63 @@
+"""Library and variants through gradio_client: upload, hooks, preview, /make_variants -> /job_status."""
+
+from __future__ import annotations
+
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+from gradio_client import Client, handle_file
+
+from tests.test_variants_media import make_clip, make_tone
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.url, verbose=False)
+
+
+def test_library_hooks_and_a_variant_batch_through_the_api(client, tmp_path):
+    clip, tone = make_clip(tmp_path / "-y.mp4"), make_tone(tmp_path / "music.wav", 440)
+    added = client.predict([handle_file(str(clip)), handle_file(str(tone))], "api, test", "",
+                           api_name="/library_add")  # fmt: skip
+    assert [a["kind"] for a in added] == ["video", "audio"] and added[0]["name"] == "-y"
+    assert added[0]["tags"] == ["api", "test"] and added[1]["duration"] == pytest.approx(3.0, abs=0.1)
+    hooks = client.predict("a':textfile=/etc/passwd:x='\n%{eif:1/0:d}", "api", api_name="/add_hooks")
+    assert [h["text"] for h in hooks] == ["a':textfile=/etc/passwd:x='", "%{eif:1/0:d}"]
+    items = client.predict("video", "", "api", "", api_name="/library_items")
+    assert added[0]["id"] in {i["id"] for i in items}
+
+    selection = dict(videos=[added[0]["id"]], audios=[added[1]["id"]], hook_categories=["api"], per_video=2)
+    plan = client.predict(**selection, api_name="/preview_variants")
+    assert plan["count"] == 2 and [v["hook"] for v in plan["variants"]] == [h["text"] for h in hooks]
+    batch = client.predict(**selection, api_name="/make_variants")
+    deadline = time.monotonic() + 120
+    while (status := client.predict(batch["batch_id"], api_name="/job_status"))["status"] in (
+        "queued",
+        "running",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert status["status"] == "succeeded", status
+    assert status["result"]["ok"] == 2 and status["result"]["failed"] == 0
+    archive = client.predict(batch["batch_id"], api_name="/batch_zip")
+    with zipfile.ZipFile(archive) as z:
+        assert sorted(z.namelist()) == sorted(Path(v["file"]).name for v in status["result"]["variants"])
+
+    with pytest.raises(Exception, match="no videos selected"):
+        client.predict(audios=[added[1]["id"]], api_name="/make_variants")
+    assert client.predict(added[1]["id"], api_name="/library_delete") == {"deleted": 1}
+
+
+def test_speak_saves_speech_into_the_audio_library(client):
+    short = client.predict("Hello there.", api_name="/speak")
+    long = client.predict("Hello there. This is a much longer sentence, spoken by the built in voice. "
+                          "And a third one, to be sure.", "en", 1.0, api_name="/speak")  # fmt: skip
+    assert short["kind"] == "audio" and short["backend"] == "espeak" and "tts" in short["tags"]
+    assert 0.3 < short["duration"] < long["duration"]
+    assert short["name"].startswith("speech: Hello there.")
+    with pytest.raises(Exception, match="(?i)speed"):
+        client.predict("x", "en", 9.0, api_name="/speak")
+    audios = {i["id"] for i in client.predict("audio", "speech", "", "", api_name="/library_items")}
+    assert {short["id"], long["id"]} <= audios
