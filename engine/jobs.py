@@ -74,6 +74,9 @@ JOB_KINDS: dict[str, JobKind] = {
         "engine.variants:run_variants_job", "engine.variants:VariantsRequest", uses_gpu=False
     ),
     "cleanup": JobKind("engine.variants:run_cleanup_job", "engine.variants:CleanupRequest", uses_gpu=False),
+    "motion_clip": JobKind(
+        "engine.variants:run_motion_job", "engine.variants:MotionClipRequest", uses_gpu=False
+    ),
 }
 
 

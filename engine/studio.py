@@ -379,6 +379,14 @@ class Studio:
         return {**public_item(item, self.library.root), "voice": result.voice, "backend": result.backend,
                 "sample_rate": result.sample_rate, "speech_seconds": round(result.duration, 3)}  # fmt: skip
 
+    def submit_motion_clip(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        from engine.variants import MotionClipRequest
+
+        req = MotionClipRequest.build(**values)
+        if self.library.item(req.image_id).kind != "image":
+            raise InputError(f"image_id={req.image_id!r} is not an image in the library")
+        return self.jobs.submit("motion_clip", req, owner=owner)
+
     def voices(self) -> list[str]:
         from engine.media.tts import list_voices
 

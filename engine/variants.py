@@ -101,17 +101,22 @@ class VariantsRequest(_Request):
     @field_validator("output_size")
     @classmethod
     def _size(cls, v: str) -> str:
-        v = (v or "").strip().lower()
-        if v and not _SIZE.match(v):
-            raise ValueError(f"must be WxH like 1080x1920 (presets: {', '.join(s for s in SIZES if s)})")
-        if v:
-            w, h = (int(x) for x in v.split("x"))
-            if w % 2 or h % 2 or not (64 <= w <= 3840 and 64 <= h <= 3840):
-                raise ValueError("width and height must be even, 64-3840")
-        return v
+        return check_size(v)
 
     def size(self) -> tuple[int, int] | None:
         return tuple(int(x) for x in self.output_size.split("x")) if self.output_size else None  # type: ignore[return-value]
+
+
+def check_size(v: str) -> str:
+    """"" or "WxH" with even sides, 64-3840."""
+    v = (v or "").strip().lower()
+    if v and not _SIZE.match(v):
+        raise ValueError(f"must be WxH like 1080x1920 (presets: {', '.join(s for s in SIZES if s)})")
+    if v:
+        w, h = (int(x) for x in v.split("x"))
+        if w % 2 or h % 2 or not (64 <= w <= 3840 and 64 <= h <= 3840):
+            raise ValueError("width and height must be even, 64-3840")
+    return v
 
 
 @dataclass(frozen=True)
@@ -315,3 +320,48 @@ def cleanup_expired(db: Database, outputs_dir: Path, now=None) -> int:
 
 def run_cleanup_job(req: CleanupRequest, ctx: RunContext) -> dict:
     return {"removed": cleanup_expired(ctx.runtime.db, ctx.runtime.outputs_dir)}
+
+
+# --- camera motion clips (image -> video) ----------------------------------------------------------
+class MotionClipRequest(_Request):
+    """A library image -> a video clip with a camera move, saved into the video library."""
+
+    image_id: str = Field(description="Library image id")
+    moves: str = Field(
+        default="zoom_in", description="static, zoom_in, zoom_out, pan_left/right/up/down; combine with +"
+    )
+    strength: float = Field(default=0.25, ge=0.05, le=1.0, description="How far the camera travels")
+    duration: float = Field(default=4.0, ge=0.5, le=120.0, description="Seconds")
+    fps: int = Field(default=30, ge=1, le=60)
+    output_size: str = Field(default="", description="WxH (even), e.g. 1080x1920; empty = the image's size")
+    ease: bool = Field(default=True, description="Ease in and out")
+    name: str = Field(
+        default="", max_length=200, description="Name of the new clip (empty = image name + move)"
+    )
+
+    @field_validator("output_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        return check_size(v)
+
+
+def run_motion_job(req: MotionClipRequest, ctx: RunContext) -> dict:
+    import tempfile
+
+    from engine.library import public_item
+    from engine.media.motion import MotionSpec, render_motion
+
+    lib = Library(ctx.runtime.db, library_root(ctx.runtime.outputs_dir))
+    image = lib.item(req.image_id)
+    if image.kind != "image":
+        raise InputError(f"{image.name!r} is a {image.kind}; camera motion starts from an image")
+    size = tuple(int(x) for x in req.output_size.split("x")) if req.output_size else None
+    spec = MotionSpec(Path(image.path), moves=req.moves, strength=req.strength, duration=req.duration, fps=req.fps,
+                      size=size, ease=req.ease)  # fmt: skip
+    ctx.emit({"step": 0, "total": 1, "desc": "rendering"})
+    with tempfile.TemporaryDirectory(prefix=".tmp-motion-", dir=lib.root) as tmp:
+        clip = render_motion(spec, Path(tmp) / "clip.mp4", timeout=max(120.0, req.duration * 60),
+                             cancelled=ctx.is_cancelled)  # fmt: skip
+        item = lib.add_file(clip.path, name=req.name or f"{image.name} · {req.moves}", tags=["motion"])
+    ctx.emit({"step": 1, "total": 1, "desc": "saved"})
+    return public_item(item, lib.root)

@@ -61,3 +61,18 @@ def test_speak_saves_speech_into_the_audio_library(client):
         client.predict("x", "en", 9.0, api_name="/speak")
     audios = {i["id"] for i in client.predict("audio", "speech", "", "", api_name="/library_items")}
     assert {short["id"], long["id"]} <= audios
+
+
+def test_image_to_clip_with_a_camera_move(client, tmp_path):
+    from PIL import Image, ImageDraw
+
+    png = tmp_path / "still.png"
+    im = Image.new("RGB", (320, 180), "white")
+    ImageDraw.Draw(im).ellipse((140, 70, 180, 110), fill="black")
+    im.save(png)
+    [image] = client.predict([handle_file(str(png))], "", "", api_name="/library_add")
+    clip = client.predict(image["id"], "zoom_in+pan_right", 0.3, 1.0, 12, "", api_name="/image_to_clip")
+    assert clip["kind"] == "video" and clip["duration"] == pytest.approx(1.0, abs=0.1)
+    assert (clip["width"], clip["height"]) == (320, 180) and "motion" in clip["tags"]
+    with pytest.raises(Exception, match="camera motion starts from an image|not an image"):
+        client.predict(clip["id"], api_name="/image_to_clip")

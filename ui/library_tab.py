@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engine.library import public_item
-from ui.common import PRIVATE, UIContext, engine_errors, name_range_errors
+from ui.common import PRIVATE, UIContext, engine_errors, name_range_errors, username
 
 KINDS = ["", "video", "audio", "image"]
 ITEM_COLUMNS = ["id", "kind", "name", "tags", "collection", "duration s", "size", "resolution"]
@@ -61,6 +61,23 @@ def build(ctx: UIContext) -> None:
             hooks_category = gr.Textbox(label="Category", value="general", elem_id="hooks_category")
         hooks_btn = gr.Button("Add hooks", elem_id="hooks_add")
         hooks_table = gr.Dataframe(headers=HOOK_COLUMNS, interactive=False, wrap=True, elem_id="hooks_table")
+
+    with gr.Accordion("Image -> clip with a camera move (saved into the video library)", open=False):
+        with gr.Row():
+            motion_image = gr.Textbox(
+                label="Image id (select an image above)", value="", elem_id="motion_image"
+            )
+            motion_moves = gr.Dropdown(["static", "zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up",
+                                        "pan_down", "zoom_in+pan_right", "zoom_out+pan_left", "zoom_in+pan_up"],
+                                       value="zoom_in", allow_custom_value=True, label="Move (combine with +)")  # fmt: skip
+            motion_strength = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="Strength")
+        with gr.Row():
+            motion_duration = gr.Slider(0.5, 30, value=4, step=0.5, label="Duration, s")
+            motion_fps = gr.Slider(1, 60, value=30, step=1, label="FPS")
+            motion_size = gr.Dropdown(["", "1080x1920", "1920x1080", "1080x1080", "720x1280", "1280x720"], value="",
+                                      allow_custom_value=True, label="Size (empty = the image's)")  # fmt: skip
+        motion_btn = gr.Button("Make clip", elem_id="motion_btn")
+        motion_video = gr.Video(label="Clip", elem_id="motion_video")
 
     with gr.Accordion("Text to speech (saved into the audio library)", open=False):
         with gr.Row():
@@ -161,6 +178,29 @@ def build(ctx: UIContext) -> None:
         lambda item: str(studio.library.root / item["file"]) if item else None, [tts_hidden], [tts_audio],
         **PRIVATE)  # fmt: skip
 
+    def image_to_clip(image_id: str, moves: str = "zoom_in", strength: float = 0.25, duration: float = 4.0,
+                      fps: float = 30, output_size: str = "", request: gr.Request = None) -> dict:  # fmt: skip
+        """A library image -> a video clip with a camera move (zoom/pan, smooth sub-pixel motion), saved into
+        the video library; returns the new item."""
+        values = dict(image_id=(image_id or "").strip(), moves=moves or "zoom_in", strength=float(strength),
+                      duration=float(duration), fps=int(fps), output_size=output_size or "")  # fmt: skip
+        with engine_errors():
+            job_id, _ = studio.submit_motion_clip(values, owner=username(request))
+        for event in studio.watch(job_id):
+            if event["type"] == "done":
+                return event["result"]
+            if event["type"] in ("failed", "cancelled", "interrupted"):
+                raise gr.Error(
+                    f"clip {event['type']}: {event.get('error', '')}", title="Camera motion failed"
+                )
+        raise gr.Error("the clip job ended without a result")
+
+    motion_hidden = gr.JSON(visible=False)
+    motion_btn.click(image_to_clip, [motion_image, motion_moves, motion_strength, motion_duration, motion_fps,
+                                     motion_size], [motion_hidden], api_name="image_to_clip").then(
+        lambda item: str(studio.library.root / item["file"]) if item else None, [motion_hidden], [motion_video],
+        **PRIVATE)  # fmt: skip
+
     filters = [kind, text, tag, coll_filter]
     hidden = gr.JSON(visible=False)
     add_btn.click(library_add, [files, add_tags, add_collection], [hidden], api_name="library_add").then(
@@ -185,7 +225,8 @@ def build(ctx: UIContext) -> None:
             return gr.skip(), gr.skip(), gr.skip()
         return values[0], values[2], values[3]
 
-    table.select(select_row, [table], [item_id, new_name, new_tags], **PRIVATE)
+    table.select(select_row, [table], [item_id, new_name, new_tags], **PRIVATE).then(
+        lambda i: i, [item_id], [motion_image], **PRIVATE)  # fmt: skip
 
 
 def _original_name(path: str) -> str:

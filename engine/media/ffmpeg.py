@@ -8,13 +8,15 @@ file beside the target and renamed into place only when whole.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -174,16 +176,18 @@ def _check_complete(container, stream, duration: float, fps: float, name: str) -
         raise InputError(f"{name}: is truncated: its data ends at {end:.2f}s of {duration:.2f}s")
 
 
-def _with_input_whitelists(args: list[str]) -> list[str]:
+def _with_input_whitelists(args: list[str], allow_pipe: bool = False) -> list[str]:
     """Put the protocol and demuxer whitelists before every `-i`; refuse an input that is neither a
-    `file:` URL (see media_input) nor one of our own lavfi sources."""
+    `file:` URL (see media_input) nor one of our own lavfi sources (nor, with `allow_pipe`, our own
+    raw frames on `pipe:0`)."""
     out: list[str] = []
     pending: list[str] = []  # options since the previous input/output
     for i, arg in enumerate(args):
         if arg == "-i" and i + 1 < len(args):
             target = args[i + 1]
             lavfi = any(a == "-f" and b == "lavfi" for a, b in zip(pending, pending[1:], strict=False))
-            if not lavfi:
+            ours = allow_pipe and target == "pipe:0"
+            if not (lavfi or ours):
                 if not target.startswith("file:"):
                     raise InputError(f"ffmpeg input {target!r} must be a file: URL from media_input()")
                 if "-protocol_whitelist" not in pending:
@@ -197,19 +201,38 @@ def _with_input_whitelists(args: list[str]) -> list[str]:
     return out
 
 
-def run_ffmpeg(args: list[str], timeout: float, cancelled: Callable[[], bool] | None = None) -> None:
+def _feed(proc: subprocess.Popen, chunks: Iterable[bytes]) -> None:
+    """Write our frames to ffmpeg; a dead ffmpeg (killed on timeout/cancel) just ends the feed."""
+    try:
+        for chunk in chunks:
+            if proc.poll() is not None:
+                break
+            proc.stdin.write(chunk)
+    except (BrokenPipeError, OSError, ValueError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+
+
+def run_ffmpeg(args: list[str], timeout: float, cancelled: Callable[[], bool] | None = None,
+               stdin_chunks: Iterable[bytes] | None = None) -> None:  # fmt: skip
     """Run ffmpeg with `args` (everything after the executable) as an argv list, never a shell.
 
     Adds -nostdin/-hide_banner/-loglevel error and the input whitelists. Kills ffmpeg and waits for
     it when `timeout` seconds pass (TransientError) or `cancelled()` turns true (JobCancelledError).
     A non-zero exit raises InputError (or TransientError for resource errors) with stderr's tail.
+    `stdin_chunks` (frames we generate) are written to ffmpeg's stdin from a thread, for a `pipe:0` input.
     """
     if not timeout > 0:
         raise InputError(f"timeout must be > 0 seconds, got {timeout!r}")
-    argv = [ffmpeg_exe(), *GLOBAL_ARGS, *_with_input_whitelists(list(args))]
+    argv = [ffmpeg_exe(), *GLOBAL_ARGS, *_with_input_whitelists(list(args), allow_pipe=stdin_chunks is not None)]
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty ffmpeg can never block on it
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        stdin = subprocess.PIPE if stdin_chunks is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err)
+        if stdin_chunks is not None:
+            threading.Thread(target=_feed, args=(proc, stdin_chunks), name="ffmpeg-stdin", daemon=True).start()
         try:
             while True:
                 try:

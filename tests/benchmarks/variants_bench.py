@@ -33,7 +33,7 @@ def _ff(*args: str) -> None:
 def make_media(root: Path) -> tuple[list[Path], list[Path]]:
     root.mkdir(parents=True, exist_ok=True)
     clips, tones = [], []
-    for i, pattern in enumerate(("testsrc2", "smptehdbars", "mandelbrot")):
+    for i, pattern in enumerate(("testsrc2", "smptehdbars", "testsrc")):
         out = root / f"clip{i}.mp4"
         _ff("-f", "lavfi", "-i", f"{pattern}=size=1280x720:rate=30:duration={CLIP_S}", "-f", "lavfi", "-i",
             f"sine=frequency={300 + 100 * i}:duration={CLIP_S}", "-c:v", "libx264", "-preset", "veryfast",
@@ -121,6 +121,11 @@ def bench_variants(workdir: Path | None = None) -> list[dict]:
         r2 = [(ours(audio_only), bare(audio_cmds)) for _ in range(2)]
         o1, b1 = min(x for x, _ in r1), min(y for _, y in r1)
         o2, b2 = min(x for x, _ in r2), min(y for _, y in r2)
+        # where row 2's time goes: the AAC encode of the new track is the floor for both sides
+        remux = min(bare([["-i", str(v), "-c", "copy", "-map", "0", str(tmp / "baseline" / f"r{k}.mp4")]
+                          for k, (v, _, _) in enumerate(rows)]) for _ in range(2))  # fmt: skip
+        aac = min(bare([["-stream_loop", "-1", "-i", str(a), "-t", str(CLIP_S), "-c:a", "aac", "-b:a", "160k",
+                         str(tmp / "baseline" / f"a{k}.m4a")] for k, (_, a, _) in enumerate(rows)]) for _ in range(2))  # fmt: skip
         return [
             dict(benchmark="12 variants, 720p 10 s: hook overlay + audio replace (batch job vs hand-written "
                  "ffmpeg, sequential)", ours_s=o1, base_s=b1, ratio=o1 / b1,
@@ -128,6 +133,10 @@ def bench_variants(workdir: Path | None = None) -> list[dict]:
             dict(benchmark="12 variants, audio replace only (engine copies the video stream vs re-encoding)",
                  ours_s=o2, base_s=b2, ratio=b2 / o2, target=f"speed-up >= {ROW2_TARGET:g}x",
                  ok=b2 / o2 >= ROW2_TARGET),
+            dict(benchmark="(row 2 floor) 12 bare remuxes, video and audio copied, nothing encoded", ours_s=remux,
+                 base_s=b2, ratio=b2 / remux, target="report", ok=True),
+            dict(benchmark="(row 2 floor) 12 bare AAC encodes of the new 10 s track alone", ours_s=aac, base_s=b2,
+                 ratio=b2 / aac, target="report", ok=True),
         ]  # fmt: skip
     finally:
         studio.close()
@@ -144,7 +153,7 @@ def bench_variants_section(args, write_section, heading: str, machine: str) -> b
         "|---|---:|---:|---:|---|---|",
     ]
     for r in results:
-        ratio = f"{r['ratio']:.2f}x" + (" faster" if "speed-up" in r["target"] else "")
+        ratio = f"{r['ratio']:.2f}x" + (" faster" if r["target"] != f"<= {ROW1_TARGET:.2f}x" else "")
         lines.append(f"| {r['benchmark']} | {r['ours_s']:.1f} | {r['base_s']:.1f} | {ratio} | {r['target']} | "
                      f"{'PASS' if r['ok'] else 'FAIL'} |")  # fmt: skip
     table = "\n".join(lines)
