@@ -140,16 +140,21 @@ class RunContext:
             raise JobCancelledError(f"job {self.job_id} was cancelled")
 
 
+MEDIA_QUEUE = "media"
+
+
 class InProcessExecutor:
     """One queue per device, served by `jobs_per_device` threads; GPU kinds also hold a device lock
-    so a device never runs two diffusion jobs at once."""
+    so a device never runs two diffusion jobs at once. Kinds that do not use the GPU (variant batches,
+    downloads, clips, cleanup) have their own queue and thread, so they never wait behind diffusion
+    jobs nor hold them up."""
 
     def __init__(
         self, service: JobService, devices: list[str], jobs_per_device: int, runtime_factory
     ) -> None:
         self.service = service
         self.devices = devices
-        self._queues = {d: queue.Queue() for d in devices}
+        self._queues = {d: queue.Queue() for d in [*devices, MEDIA_QUEUE]}
         self._gpu_locks = {d: threading.Lock() for d in devices}
         self._runtime_factory = runtime_factory
         self._runtimes: dict[str, Any] = {}
@@ -166,6 +171,9 @@ class InProcessExecutor:
                 )
                 t.start()
                 self._threads.append(t)
+        t = threading.Thread(target=self._loop, args=(MEDIA_QUEUE,), name="worker-media", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
@@ -175,7 +183,9 @@ class InProcessExecutor:
             t.join(timeout=5)
 
     def submit(self, job_id: str) -> None:
-        self._queues[self.devices[0]].put(job_id)
+        job = self.service.db.get_job(job_id)
+        kind = JOB_KINDS.get(job.kind) if job is not None else None
+        self._queues[MEDIA_QUEUE if kind is not None and not kind.uses_gpu else self.devices[0]].put(job_id)
 
     def warm(self, model: str) -> None:
         """Load `model` on every device in the background, so the first job does not wait for it."""
@@ -186,6 +196,8 @@ class InProcessExecutor:
         return {d: self._queues[d].qsize() for d in self.devices}
 
     def runtime(self, device: str):
+        if device == MEDIA_QUEUE:  # media jobs use the runtime's database and folders, never its models
+            device = self.devices[0]
         with self._runtime_lock:
             if device not in self._runtimes:
                 self._runtimes[device] = self._runtime_factory(device)

@@ -127,3 +127,15 @@ def test_delete_removes_files_and_rows(studio, media):
     assert studio.library.delete([item.id]) == 1
     assert not Path(item.path).exists() and not Path(item.thumbnail).exists()
     assert item.id not in {i.id for i in studio.library.items(kind="audio")}
+
+
+def test_a_batch_does_not_hold_up_image_generation(studio, media):
+    """Media jobs have their own worker: an image job submitted after a batch finishes while it runs."""
+    videos, audios, hooks = media
+    batch_id, _ = studio.submit_variants({"videos": [v.id for v in videos], "audios": [a.id for a in audios],
+                                          "hooks": [h.id for h in hooks], "per_video": 4})  # fmt: skip
+    job_id, _ = studio.submit_generate({"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1})
+    assert list(studio.watch(job_id))[-1]["type"] == "done"
+    assert studio.job_status(batch_id)["status"] in ("queued", "running")  # 12 renders are still going
+    assert list(studio.watch(batch_id))[-1]["type"] == "done"
+    assert studio.job_status(batch_id)["device"] == "media"
