@@ -171,3 +171,46 @@ def test_inpaint_with_a_mask_painted_in_the_browser(app, tmp_path):
     assert out.shape == (64, 64, 3)
     assert (out[:6, :6] == (30, 120, 200)).all() and (out[-6:, -6:] == (30, 120, 200)).all()
     assert not (out[28:36, 28:36] == (30, 120, 200)).all()  # the painted middle was repainted
+
+
+def test_variants_in_the_browser(app, tmp_path):
+    """Library items added through the API show up in the Variants tab after "Refresh lists"; picking a
+    clip, a track and a hook and clicking "Make variants" shows the finished variant and its ZIP."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from tests.test_variants_media import make_clip, make_tone
+
+    client = Client(app.url, verbose=False)
+    from gradio_client import handle_file
+
+    clip, tone = make_clip(tmp_path / "browser clip.mp4"), make_tone(tmp_path / "browser tone.wav", 600)
+    client.predict([handle_file(str(clip)), handle_file(str(tone))], "", "", api_name="/library_add")
+    client.predict("browser hook line", "browser", api_name="/add_hooks")
+
+    def pick(page, elem_id: str, text: str) -> None:
+        box = page.locator(f"#{elem_id} input").first
+        box.click()
+        box.fill(text)
+        page.get_by_role("option", name=re.compile(re.escape(text))).first.click()
+        page.keyboard.press("Escape")
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app.url, wait_until="networkidle")
+            page.get_by_role("tab", name="Variants").click()
+            page.get_by_role("button", name="Refresh lists").last.click()
+            page.wait_for_load_state("networkidle")
+            pick(page, "v_videos", "browser clip")
+            pick(page, "v_audios", "browser tone")
+            pick(page, "v_hooks", "browser hook line")
+            page.locator("#v_preview").click()
+            expect(page.locator("#v_status")).to_contain_text("1 variant(s)", timeout=30_000)
+            page.locator("#v_make").click()
+            expect(page.locator("#v_status")).to_contain_text("done", timeout=120_000)
+            expect(page.locator("#v_status")).to_contain_text("1 ok, 0 failed")
+            expect(page.locator("#v_zip")).to_contain_text(".zip", timeout=30_000)
+            page.screenshot(path=str(tmp_path / "variants.png"), full_page=True)
+        finally:
+            browser.close()
