@@ -77,6 +77,7 @@ JOB_KINDS: dict[str, JobKind] = {
     "motion_clip": JobKind(
         "engine.variants:run_motion_job", "engine.variants:MotionClipRequest", uses_gpu=False
     ),
+    "join_clips": JobKind("engine.variants:run_join_job", "engine.variants:JoinClipsRequest", uses_gpu=False),
 }
 
 

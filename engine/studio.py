@@ -387,6 +387,33 @@ class Studio:
             raise InputError(f"image_id={req.image_id!r} is not an image in the library")
         return self.jobs.submit("motion_clip", req, owner=owner)
 
+    def submit_join_clips(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        from engine.variants import JoinClipsRequest
+
+        values = dict(values)
+        if values.get("subtitles"):
+            path = Path(self.checked_upload(values["subtitles"], "subtitles"))
+            if path.suffix.lower() != ".srt":
+                raise InputError(f"subtitles {path.name!r} must be an .srt file")
+            values["subtitles"] = str(path)
+        req = JoinClipsRequest.build(**values)
+        if not req.clips:
+            raise InputError("clips: pick at least one library video to join")
+        for item_id in req.clips:
+            self.library.item(item_id)  # unknown ids are refused before a job exists
+        return self.jobs.submit("join_clips", req, owner=owner)
+
+    def run_and_wait(self, job_id: str) -> dict:
+        """Wait for a short media job; its result, or a StudioError saying how it ended."""
+        from engine.errors import StudioError
+
+        for event in self.watch(job_id):
+            if event["type"] == "done":
+                return event["result"]
+            if event["type"] in ("failed", "cancelled", "interrupted"):
+                raise StudioError(f"job {job_id} {event['type']}: {event.get('error', '')}")
+        raise StudioError(f"job {job_id} ended without a result")
+
     def voices(self) -> list[str]:
         from engine.media.tts import list_voices
 

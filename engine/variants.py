@@ -108,7 +108,7 @@ class VariantsRequest(_Request):
 
 
 def check_size(v: str) -> str:
-    """"" or "WxH" with even sides, 64-3840."""
+    """ "" or "WxH" with even sides, 64-3840."""
     v = (v or "").strip().lower()
     if v and not _SIZE.match(v):
         raise ValueError(f"must be WxH like 1080x1920 (presets: {', '.join(s for s in SIZES if s)})")
@@ -363,5 +363,54 @@ def run_motion_job(req: MotionClipRequest, ctx: RunContext) -> dict:
         clip = render_motion(spec, Path(tmp) / "clip.mp4", timeout=max(120.0, req.duration * 60),
                              cancelled=ctx.is_cancelled)  # fmt: skip
         item = lib.add_file(clip.path, name=req.name or f"{image.name} · {req.moves}", tags=["motion"])
+    ctx.emit({"step": 1, "total": 1, "desc": "saved"})
+    return public_item(item, lib.root)
+
+
+class JoinClipsRequest(_Request):
+    """Library clips joined in order, optionally under a library audio and with subtitles burned in."""
+
+    clips: list[str] = Field(description="Library video ids, in order")
+    audio: str = Field(default="", description="Library audio id laid under the whole (empty = silent)")
+    subtitles: str | None = Field(default=None, description="An uploaded .srt file to burn in")
+    output_size: str = Field(default="", description="WxH (even); empty = the first clip's size")
+    fps: int = Field(default=30, ge=1, le=60)
+    name: str = Field(default="", max_length=200, description="Name of the new clip")
+
+    @field_validator("clips", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        return [p.strip() for p in v.split(",") if p.strip()] if isinstance(v, str) else v
+
+    @field_validator("output_size")
+    @classmethod
+    def _size(cls, v: str) -> str:
+        return check_size(v)
+
+
+def run_join_job(req: JoinClipsRequest, ctx: RunContext) -> dict:
+    import tempfile
+
+    from engine.library import public_item
+    from engine.media.motion import concat_clips
+
+    lib = Library(ctx.runtime.db, library_root(ctx.runtime.outputs_dir))
+    clips = [lib.item(i) for i in req.clips]
+    for c in clips:
+        if c.kind != "video":
+            raise InputError(f"{c.name!r} is a {c.kind}; only videos can be joined")
+    audio = lib.item(req.audio) if req.audio else None
+    if audio is not None and audio.kind != "audio":
+        raise InputError(f"audio={audio.name!r} is a {audio.kind}, not an audio")
+    size = tuple(int(x) for x in req.output_size.split("x")) if req.output_size else None
+    ctx.emit({"step": 0, "total": 1, "desc": f"joining {len(clips)} clips"})
+    with tempfile.TemporaryDirectory(prefix=".tmp-join-", dir=lib.root) as tmp:
+        out = concat_clips([Path(c.path) for c in clips], Path(tmp) / "joined.mp4",
+                           audio=Path(audio.path) if audio else None,
+                           subtitles=Path(req.subtitles) if req.subtitles else None, size=size, fps=req.fps,
+                           timeout=max(300.0, sum(c.duration or 60 for c in clips) * 20),
+                           cancelled=ctx.is_cancelled)  # fmt: skip
+        item = lib.add_file(out.path, name=req.name or f"joined: {', '.join(c.name for c in clips)[:150]}",
+                            tags=["joined"])  # fmt: skip
     ctx.emit({"step": 1, "total": 1, "desc": "saved"})
     return public_item(item, lib.root)

@@ -76,3 +76,22 @@ def test_image_to_clip_with_a_camera_move(client, tmp_path):
     assert (clip["width"], clip["height"]) == (320, 180) and "motion" in clip["tags"]
     with pytest.raises(Exception, match="camera motion starts from an image|not an image"):
         client.predict(clip["id"], api_name="/image_to_clip")
+
+
+def test_join_clips_with_audio_and_subtitles(client, tmp_path):
+    a, b = make_clip(tmp_path / "a.mp4", seconds=1.0), make_clip(tmp_path / "b.mp4", seconds=1.5)
+    tone = make_tone(tmp_path / "bed.wav", 300, seconds=1.0)
+    srt = tmp_path / "subs.srt"
+    srt.write_text("1\n00:00:00,000 --> 00:00:02,000\nHello from the subtitles\n", encoding="utf-8")
+    va, vb, bed = client.predict([handle_file(str(a)), handle_file(str(b)), handle_file(str(tone))], "", "",
+                                 api_name="/library_add")  # fmt: skip
+    joined = client.predict(f"{va['id']},{vb['id']}", bed["id"], handle_file(str(srt)), "", 25,
+                            api_name="/join_clips")  # fmt: skip
+    assert joined["kind"] == "video" and joined["duration"] == pytest.approx(2.5, abs=0.15)
+    assert joined["has_audio"] and "joined" in joined["tags"]
+    with pytest.raises(Exception, match="only videos can be joined|not found"):
+        client.predict(f"{va['id']},{bed['id']}", api_name="/join_clips")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not subtitles")
+    with pytest.raises(Exception, match="must be an .srt file|Invalid file type"):
+        client.predict(va["id"], "", handle_file(str(notes)), api_name="/join_clips")

@@ -79,6 +79,20 @@ def build(ctx: UIContext) -> None:
         motion_btn = gr.Button("Make clip", elem_id="motion_btn")
         motion_video = gr.Video(label="Clip", elem_id="motion_video")
 
+    with gr.Accordion("Join clips (with an audio track and burned-in subtitles)", open=False):
+        with gr.Row():
+            join_clips = gr.Textbox(
+                label="Video ids, in order (comma separated)", value="", elem_id="join_clips"
+            )
+            join_audio = gr.Textbox(label="Audio id (optional)", value="")
+            join_srt = gr.File(label="Subtitles (.srt, optional)", file_types=[".srt"], type="filepath")
+        with gr.Row():
+            join_size = gr.Dropdown(["", "1080x1920", "1920x1080", "1080x1080", "720x1280", "1280x720"], value="",
+                                    allow_custom_value=True, label="Size (empty = the first clip's)")  # fmt: skip
+            join_fps = gr.Slider(1, 60, value=30, step=1, label="FPS")
+            join_btn = gr.Button("Join", elem_id="join_btn")
+        join_video = gr.Video(label="Joined clip")
+
     with gr.Accordion("Text to speech (saved into the audio library)", open=False):
         with gr.Row():
             tts_text = gr.Textbox(label="Text", lines=3, value="", elem_id="tts_text")
@@ -194,6 +208,22 @@ def build(ctx: UIContext) -> None:
                     f"clip {event['type']}: {event.get('error', '')}", title="Camera motion failed"
                 )
         raise gr.Error("the clip job ended without a result")
+
+    def join_clips_api(clips: str, audio: str = "", subtitles: str | None = None, output_size: str = "",
+                       fps: float = 30, request: gr.Request = None) -> dict:  # fmt: skip
+        """Join library videos in order (comma-separated ids), under a library audio, with an uploaded .srt
+        burned in; saves the result into the video library and returns it."""
+        values = dict(clips=clips or "", audio=(audio or "").strip(), subtitles=subtitles or None,
+                      output_size=output_size or "", fps=int(fps))  # fmt: skip
+        with engine_errors():
+            job_id, _ = studio.submit_join_clips(values, owner=username(request))
+            return studio.run_and_wait(job_id)
+
+    join_hidden = gr.JSON(visible=False)
+    join_btn.click(join_clips_api, [join_clips, join_audio, join_srt, join_size, join_fps], [join_hidden],
+                   api_name="join_clips").then(
+        lambda item: str(studio.library.root / item["file"]) if item else None, [join_hidden], [join_video],
+        **PRIVATE)  # fmt: skip
 
     motion_hidden = gr.JSON(visible=False)
     motion_btn.click(image_to_clip, [motion_image, motion_moves, motion_strength, motion_duration, motion_fps,
