@@ -202,3 +202,38 @@ def test_variants_in_the_browser(app, tmp_path):
         expect(page.locator("#v_status")).to_contain_text("1 ok, 0 failed")
         expect(page.locator("#v_zip")).to_contain_text(".zip", timeout=30_000)
         page.screenshot(path=str(tmp_path / "variants.png"), full_page=True)
+
+
+def test_library_upload_search_rename_and_hooks_in_the_browser(app, tmp_path):
+    """Library: upload a clip, find it, select its row, rename it; paste hooks and see them listed."""
+    from playwright.sync_api import expect
+
+    from tests.test_variants_media import make_clip
+
+    clip = make_clip(tmp_path / "library browser clip.mp4")
+    with open_page(app.url) as page:
+        page.get_by_role("tab", name="Library").click()
+        page.locator("#library_files input[type=file]").set_input_files(str(clip))
+        page.wait_for_load_state("networkidle")
+        page.locator("#library_add").click()
+        expect(page.locator("#library_status")).to_contain_text("item(s)", timeout=60_000)
+        page.locator("#library_text input, #library_text textarea").first.fill("library browser clip")
+        page.locator("#library_search").click()
+        row = page.locator("#library_table").get_by_role("row", name=re.compile("library browser clip"))
+        expect(row).to_contain_text("video", timeout=30_000)
+        expect(row).to_contain_text("320x180")
+        row.get_by_role("gridcell").nth(2).click()
+        expect(page.locator("#library_item_id input, #library_item_id textarea").first).not_to_have_value(
+            "", timeout=30_000)  # fmt: skip
+        page.locator("#library_new_name input, #library_new_name textarea").first.fill("renamed in browser")
+        page.locator("#library_save").click()
+        page.locator("#library_text input, #library_text textarea").first.fill("renamed in browser")
+        page.locator("#library_search").click()
+        expect(page.locator("#library_table").get_by_role("row", name=re.compile("renamed in browser"))).to_be_visible(
+            timeout=30_000)  # fmt: skip
+
+        page.get_by_text("Hooks (short texts overlaid on variants)").click()
+        page.locator("#hooks_text textarea").fill("browser hook one\nbrowser hook two")
+        page.locator("#hooks_add").click()
+        expect(page.locator("#hooks_table")).to_contain_text("browser hook two", timeout=30_000)
+        page.screenshot(path=str(tmp_path / "library.png"), full_page=True)

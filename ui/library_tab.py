@@ -38,7 +38,7 @@ def build(ctx: UIContext) -> None:
             coll_btn = gr.Button("Create collection", size="sm")
     with gr.Row():
         kind = gr.Dropdown(KINDS, value="", label="Kind")
-        text = gr.Textbox(label="Name contains", value="")
+        text = gr.Textbox(label="Name contains", value="", elem_id="library_text")
         tag = gr.Textbox(label="Tag", value="")
         coll_filter = gr.Dropdown(collection_choices(), value="", label="Collection")
         search = gr.Button("Search", elem_id="library_search")
@@ -46,11 +46,11 @@ def build(ctx: UIContext) -> None:
     thumbs = gr.Gallery(label="Thumbnails", columns=8, height=220, elem_id="library_thumbs")
     with gr.Row():
         item_id = gr.Textbox(label="Selected item id", value="", elem_id="library_item_id")
-        new_name = gr.Textbox(label="Rename to", value="")
+        new_name = gr.Textbox(label="Rename to", value="", elem_id="library_new_name")
         new_tags = gr.Textbox(label="Tags", value="")
         move_to = gr.Dropdown(collection_choices(), value="", label="Collection (empty = none)")
     with gr.Row():
-        save_btn = gr.Button("Save changes", size="sm")
+        save_btn = gr.Button("Save changes", size="sm", elem_id="library_save")
         delete_btn = gr.Button("Delete item (file and row)", size="sm", variant="stop")
     status = gr.Markdown(elem_id="library_status")
 
