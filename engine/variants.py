@@ -345,26 +345,39 @@ class MotionClipRequest(_Request):
         return check_size(v)
 
 
-def run_motion_job(req: MotionClipRequest, ctx: RunContext) -> dict:
+def _clip_into_library(ctx: RunContext, lib: Library, render, name: str, tags: list[str]) -> dict:
+    """Run `render(target_path) -> MediaInfo` into a temp folder in the library, add the result as a
+    video item and return it as the API shows it; progress: 0/1 while rendering, 1/1 when saved."""
     import tempfile
 
     from engine.library import public_item
+
+    ctx.emit({"step": 0, "total": 1, "desc": "rendering"})
+    with tempfile.TemporaryDirectory(prefix=".tmp-clip-", dir=lib.root) as tmp:
+        info = render(Path(tmp) / "clip.mp4")
+        item = lib.add_file(info.path, name=name, tags=tags)
+    ctx.emit({"step": 1, "total": 1, "desc": "saved"})
+    return public_item(item, lib.root)
+
+
+def _size_tuple(output_size: str) -> tuple[int, int] | None:
+    return tuple(int(x) for x in output_size.split("x")) if output_size else None  # type: ignore[return-value]
+
+
+def run_motion_job(req: MotionClipRequest, ctx: RunContext) -> dict:
     from engine.media.motion import MotionSpec, render_motion
 
     lib = Library(ctx.runtime.db, library_root(ctx.runtime.outputs_dir))
     image = lib.item(req.image_id)
     if image.kind != "image":
         raise InputError(f"{image.name!r} is a {image.kind}; camera motion starts from an image")
-    size = tuple(int(x) for x in req.output_size.split("x")) if req.output_size else None
     spec = MotionSpec(Path(image.path), moves=req.moves, strength=req.strength, duration=req.duration, fps=req.fps,
-                      size=size, ease=req.ease)  # fmt: skip
-    ctx.emit({"step": 0, "total": 1, "desc": "rendering"})
-    with tempfile.TemporaryDirectory(prefix=".tmp-motion-", dir=lib.root) as tmp:
-        clip = render_motion(spec, Path(tmp) / "clip.mp4", timeout=max(120.0, req.duration * 60),
-                             cancelled=ctx.is_cancelled)  # fmt: skip
-        item = lib.add_file(clip.path, name=req.name or f"{image.name} · {req.moves}", tags=["motion"])
-    ctx.emit({"step": 1, "total": 1, "desc": "saved"})
-    return public_item(item, lib.root)
+                      size=_size_tuple(req.output_size), ease=req.ease)  # fmt: skip
+    return _clip_into_library(
+        ctx, lib,
+        lambda target: render_motion(spec, target, timeout=max(120.0, req.duration * 60), cancelled=ctx.is_cancelled),
+        name=req.name or f"{image.name} · {req.moves}", tags=["motion"],
+    )  # fmt: skip
 
 
 class JoinClipsRequest(_Request):
@@ -389,9 +402,6 @@ class JoinClipsRequest(_Request):
 
 
 def run_join_job(req: JoinClipsRequest, ctx: RunContext) -> dict:
-    import tempfile
-
-    from engine.library import public_item
     from engine.media.motion import concat_clips
 
     lib = Library(ctx.runtime.db, library_root(ctx.runtime.outputs_dir))
@@ -402,15 +412,12 @@ def run_join_job(req: JoinClipsRequest, ctx: RunContext) -> dict:
     audio = lib.item(req.audio) if req.audio else None
     if audio is not None and audio.kind != "audio":
         raise InputError(f"audio={audio.name!r} is a {audio.kind}, not an audio")
-    size = tuple(int(x) for x in req.output_size.split("x")) if req.output_size else None
-    ctx.emit({"step": 0, "total": 1, "desc": f"joining {len(clips)} clips"})
-    with tempfile.TemporaryDirectory(prefix=".tmp-join-", dir=lib.root) as tmp:
-        out = concat_clips([Path(c.path) for c in clips], Path(tmp) / "joined.mp4",
-                           audio=Path(audio.path) if audio else None,
-                           subtitles=Path(req.subtitles) if req.subtitles else None, size=size, fps=req.fps,
-                           timeout=max(300.0, sum(c.duration or 60 for c in clips) * 20),
-                           cancelled=ctx.is_cancelled)  # fmt: skip
-        item = lib.add_file(out.path, name=req.name or f"joined: {', '.join(c.name for c in clips)[:150]}",
-                            tags=["joined"])  # fmt: skip
-    ctx.emit({"step": 1, "total": 1, "desc": "saved"})
-    return public_item(item, lib.root)
+    return _clip_into_library(
+        ctx, lib,
+        lambda target: concat_clips([Path(c.path) for c in clips], target, audio=Path(audio.path) if audio else None,
+                                    subtitles=Path(req.subtitles) if req.subtitles else None,
+                                    size=_size_tuple(req.output_size), fps=req.fps,
+                                    timeout=max(300.0, sum(c.duration or 60 for c in clips) * 20),
+                                    cancelled=ctx.is_cancelled),
+        name=req.name or f"joined: {', '.join(c.name for c in clips)[:150]}", tags=["joined"],
+    )  # fmt: skip
