@@ -69,7 +69,17 @@ def build_app(studio, settings: Settings):
     """The Gradio Blocks app: one tab per ui/ module, a queue with explicit limits."""
     import gradio as gr
 
-    from ui import gallery_tab, generate_tab, jobs_tab, library_tab, models_tab, pnginfo_tab, variants_tab
+    from ui import (
+        characters_tab,
+        dataset_tab,
+        gallery_tab,
+        generate_tab,
+        jobs_tab,
+        library_tab,
+        models_tab,
+        pnginfo_tab,
+        variants_tab,
+    )
     from ui.common import UIContext
 
     with gr.Blocks(title="StudioNOVA", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
@@ -85,6 +95,12 @@ def build_app(studio, settings: Settings):
                 gallery_tab.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo_tab.build(ctx)
+            with gr.Tab("Characters", id="characters"):
+                characters_tab.build(ctx)
+            with gr.Tab("Ingest", id="ingest"):
+                dataset_tab.build_ingest(ctx)
+            with gr.Tab("Review", id="review"):
+                dataset_tab.build_review(ctx)
             with gr.Tab("Models", id="models"):
                 models_tab.build(ctx)
             with gr.Tab("Library", id="library"):
@@ -115,7 +131,14 @@ def launch_kwargs(settings: Settings) -> dict:
         "footer_links": ["api", "settings"],
         "ssr_mode": False,
         "mcp_server": False,
+        "head": _review_shortcuts(),
     }
+
+
+def _review_shortcuts() -> str:
+    from ui.dataset_tab import SHORTCUTS_JS
+
+    return SHORTCUTS_JS
 
 
 def prepare_environment(settings: Settings) -> None:

@@ -38,6 +38,7 @@ class Prepared:
     mask: Any = None
     blurred_mask: Any = None
     control: Any = None
+    ip_image: Any = None  # IP-Adapter's reference image
 
 
 def prepare_inputs(req: GenerateRequest) -> Prepared:
@@ -60,6 +61,8 @@ def prepare_inputs(req: GenerateRequest) -> Prepared:
     if req.controlnet:
         control = modes.fit(modes.open_image(req.control_image, "control_image"), prep.width, prep.height)
         prep.control = modes.canny(control) if req.control_preprocessor == "canny" else control
+    if req.ip_adapter_image:
+        prep.ip_image = modes.open_image(req.ip_adapter_image, "ip_adapter_image")
     return prep
 
 
@@ -109,6 +112,8 @@ def a1111_params(req: GenerateRequest, seed: int, model_name: str, model_hash: s
     lora_hashes, ti_hashes = extras.get("lora_hashes") or {}, extras.get("ti_hashes") or {}
     params["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) or None
     params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in ti_hashes.items()) or None
+    if extras.get("ip_adapter"):
+        params["IP-Adapter"] = f"{extras['ip_adapter']}, weight: {req.ip_adapter_scale:g}"
     return params
 
 
@@ -127,8 +132,6 @@ def uses_refiner(req: GenerateRequest) -> bool:
 
 
 def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True) -> GenerateResult:
-    import torch
-
     if req.seed < 0 or (req.subseed_strength > 0 and req.subseed < 0):
         raise InputError("seed/subseed=-1 must be resolved to a real seed before the job runs")
     rt = ctx.runtime
@@ -144,7 +147,25 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
     if req.controlnet:
         extras["controlnet_hash"] = rt.models.model_hash(rt.models.controlnet_path(req.controlnet))
     extras["ti_hashes"] = rt.models.ensure_embeddings(model, [prompt, negative])
+    if prep.ip_image is not None:
+        from engine.ip_adapter import attach_ip_adapter, find_ip_adapter
+
+        files = find_ip_adapter(rt.models.roots.models_dir, req.ip_adapter, req.ip_adapter_encoder)
+        extras["ip_adapter"] = f"{files.adapter.stem} [{attach_ip_adapter(pipe, files, req.ip_adapter_scale)}]"
     timings["load"] = time.monotonic() - t0
+    try:
+        return _generate(req, ctx, model, pipe, prep, prompt, negative, extras, timings, previews)
+    finally:
+        if prep.ip_image is not None:  # the UNet is shared by every variant: leave it as it was
+            from engine.ip_adapter import detach_ip_adapter
+
+            detach_ip_adapter(pipe)
+
+
+def _generate(req, ctx, model, pipe, prep, prompt, negative, extras, timings, previews) -> GenerateResult:
+    import torch
+
+    rt = ctx.runtime
     pipe.scheduler = make_scheduler(
         req.sampler, model.base_scheduler_config
     )  # per call: the next one is clean
@@ -205,11 +226,16 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
 
 
 def apply_styles(req: GenerateRequest, rt) -> tuple[str, str]:
+    """The prompts the sampler sees: the character composed in (trigger word + design prompt + prompt,
+    negatives merged), then the saved styles applied."""
+    from engine.characters import compose_negative, compose_prompt
+
+    prompt, negative = compose_prompt(req.character, req.prompt), compose_negative(req.character, req.negative_prompt)
     if not req.styles:
-        return req.prompt, req.negative_prompt
+        return prompt, negative
     from engine.styles import StyleBook
 
-    return StyleBook(rt.styles_path).apply(req.styles, req.prompt, req.negative_prompt)
+    return StyleBook(rt.styles_path).apply(req.styles, prompt, negative)
 
 
 def _call_kwargs(
@@ -241,6 +267,8 @@ def _call_kwargs(
                       width=prep.width, height=prep.height)  # fmt: skip
         if req.inpaint_only_masked:
             kwargs["padding_mask_crop"] = req.inpaint_padding
+    if prep.ip_image is not None:
+        kwargs["ip_adapter_image"] = prep.ip_image
     if prep.control is not None:
         key = "image" if prep.task == "txt2img" else "control_image"
         kwargs[key] = prep.control
@@ -331,7 +359,8 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
         "version": rt.version,
         "job_id": ctx.job_id,
         "mode": req.mode,
-        "request": req.model_dump(mode="json", exclude={"init_image", "mask_image", "control_image"}),
+        "request": req.model_dump(mode="json", exclude={"init_image", "mask_image", "control_image",
+                                                        "ip_adapter_image"}),
         "seed": seed,
         "index": index,
         "model": model.name,
@@ -343,6 +372,8 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
         "device": rt.plan.device,
         "dtype": rt.plan.dtype,
     }
+    if req.character is not None:  # who it shows, and which LoRA version, as of submission
+        recipe["character"] = req.character.model_dump(mode="json")
     day = utcnow().strftime("%Y-%m-%d")
     # A job may save through several generate calls (X/Y/Z plot): number files per job, not per call.
     n = ctx.extra.get("images_saved", 0)
@@ -352,16 +383,23 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
     asset = Asset(kind="image", path=str(path), sha256=sha256_file(path), size=path.stat().st_size,
                   width=image.width, height=image.height, job_id=ctx.job_id)  # fmt: skip
     gen = Generation(asset_id=asset.id, job_id=ctx.job_id, mode=req.mode, model=model.name,
-                     model_hash=model.model_hash, prompt=req.prompt, negative_prompt=req.negative_prompt, seed=seed,
+                     model_hash=model.model_hash, prompt=prompt, negative_prompt=negative, seed=seed,
                      steps=req.steps, cfg_scale=req.cfg_scale, sampler=req.sampler, width=image.width,
                      height=image.height, denoising_strength=req.denoising_strength if req.init_image else None,
-                     clip_skip=req.clip_skip, loras=recipe["loras"], infotext=infotext, recipe=recipe)  # fmt: skip
+                     clip_skip=req.clip_skip, loras=recipe["loras"], infotext=infotext, recipe=recipe,
+                     character=req.character.slug if req.character else None)  # fmt: skip
     ensure_thumbnail(path)  # the gallery never opens full images
     with rt.db.session() as s:
         s.add(asset)
         s.add(gen)
         index_generation(s, gen)
         s.commit()
+    if req.dataset_review and req.character is not None:
+        from engine.characters import Characters
+        from engine.datasets import Datasets
+
+        Datasets(rt.db, rt.outputs_dir, Characters(rt.db, rt.models.roots.models_dir)).add_generated(
+            req.character.id, path, gen.id, f"generation:{ctx.job_id}#{index}")
     return GeneratedImage(
         path=str(path), seed=seed, infotext=infotext, asset_id=asset.id, generation_id=gen.id
     )

@@ -78,6 +78,11 @@ JOB_KINDS: dict[str, JobKind] = {
         "engine.variants:run_motion_job", "engine.variants:MotionClipRequest", uses_gpu=False
     ),
     "join_clips": JobKind("engine.variants:run_join_job", "engine.variants:JoinClipsRequest", uses_gpu=False),
+    "ingest": JobKind("engine.datasets:run_ingest_job", "engine.datasets:IngestRequest", uses_gpu=False),
+    "caption": JobKind("engine.datasets:run_caption_job", "engine.datasets:CaptionRequest", uses_gpu=False),
+    "reference_sheet": JobKind(
+        "engine.reference_sheet:run_reference_sheet_job", "engine.reference_sheet:ReferenceSheetRequest"
+    ),
 }
 
 
@@ -139,6 +144,18 @@ class RunContext:
     def check_cancelled(self) -> None:
         if self.is_cancelled():
             raise JobCancelledError(f"job {self.job_id} was cancelled")
+
+    def part(self, n: int, count: int, label: str) -> RunContext:
+        """The context for part n of count (an X/Y/Z cell, a sheet view): its step events are rescaled
+        onto the whole job's progress and described as "<label> n+1/count, ..."."""
+
+        def emit(event: dict) -> None:
+            if "step" in event:
+                event = {**event, "step": n * event["total"] + event["step"], "total": event["total"] * count,
+                         "desc": f"{label} {n + 1}/{count}, {event.get('desc', '')}"}  # fmt: skip
+            self.emit(event)
+
+        return RunContext(self.job_id, self.device, emit, self.is_cancelled, self.runtime, self.attempt, self.extra)
 
 
 MEDIA_QUEUE = "media"

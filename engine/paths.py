@@ -21,9 +21,12 @@ MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "upscale_models": (("upscale_models", "ESRGAN", "RealESRGAN"), (".pth", ".safetensors")),
     "embeddings": (("embeddings",), (".safetensors", ".pt", ".bin")),
     "controlnet": (("controlnet", "ControlNet"), (".safetensors", ".pth")),
+    "ipadapter": (("ipadapter",), (".safetensors", ".bin", ".pt", ".pth")),
+    "clip_vision": (("clip_vision",), (".safetensors",)),  # or transformers folders (config.json)
 }
 KIND_LABELS = {"diffusers": "model", "checkpoints": "checkpoint", "loras": "lora", "vae": "VAE",
-               "upscale_models": "upscale model", "embeddings": "embedding", "controlnet": "ControlNet"}  # fmt: skip
+               "upscale_models": "upscale model", "embeddings": "embedding", "controlnet": "ControlNet",
+               "ipadapter": "IP-Adapter", "clip_vision": "image encoder"}  # fmt: skip
 
 
 def within(root: Path, candidate: Path) -> bool:

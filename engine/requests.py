@@ -48,6 +48,27 @@ def parse_loras(text: str | list | None) -> list[LoraSpec]:
     return out
 
 
+class NegativeTerm(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    term: str
+    source: str  # "character", "project", "rejected: bad hands x3", ...
+
+
+class CharacterSnapshot(BaseModel):
+    """A character as it was when a job was submitted: the job (and every image it makes) keeps this copy,
+    so editing the character later never rewrites past recipes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    id: str
+    slug: str
+    name: str
+    revision: int = 1
+    trigger_word: str = ""
+    design_prompt: str = ""
+    negative_terms: list[NegativeTerm] = []  # the effective negative prompt, with where each term came from
+    lora: dict | None = None  # {"id", "name", "version", "weight", "hash"} of the LoRA version used
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -161,6 +182,20 @@ class GenerateRequest(_Request):
     )
     controlnet_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="ControlNet weight")
     styles: list[str] = Field(default_factory=list, max_length=16, description="Saved styles to apply")
+    # --- IP-Adapter (an image prompt; weights in models/ipadapter + models/clip_vision) ---
+    ip_adapter_image: str | None = Field(default=None, description="Reference image for IP-Adapter (empty = off)")
+    ip_adapter: str = Field(default="", max_length=200, description="IP-Adapter file in models/ipadapter "
+                            "(empty = the only one there)")  # fmt: skip
+    ip_adapter_encoder: str = Field(default="", max_length=200, description="Image encoder in models/clip_vision "
+                                    "(empty = the only one there)")  # fmt: skip
+    ip_adapter_scale: float = Field(default=0.6, ge=0.0, le=2.0, description="IP-Adapter strength")
+    # --- character (filled in by the studio from the character's slug at submission) ---
+    character: CharacterSnapshot | None = Field(
+        default=None, description="The character whose trigger word, design prompt and negatives are composed in"
+    )
+    dataset_review: bool = Field(
+        default=False, description="Queue the images for review in the character's dataset"
+    )
 
     @field_validator("sampler")
     @classmethod
@@ -199,6 +234,10 @@ class GenerateRequest(_Request):
             raise ValueError("give either mask_image (inpaint) or outpaint_* (outpaint), not both")
         if self.controlnet and not self.control_image:
             raise ValueError(f"controlnet={self.controlnet!r} needs a control_image")
+        if self.ip_adapter_image and (self.enable_hr or self.refiner):
+            raise ValueError("IP-Adapter cannot be combined with hires fix or the SDXL refiner yet")
+        if self.dataset_review and self.character is None:
+            raise ValueError("dataset_review needs a character whose dataset the images join")
         return self
 
     @property

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from engine.device import DevicePlan, free_memory, is_out_of_memory
 from engine.errors import JobCancelledError, OutOfMemoryError
@@ -50,11 +51,12 @@ class WorkerRuntime:
     outputs_dir: Path
     version: str
     styles_path: Path | None = None  # A1111-compatible styles.csv
+    settings: Any = None  # engine.settings.Settings: ingest roots, vision endpoint, cache folder
 
     @classmethod
     def create(cls, plan: DevicePlan, models_dir: Path, db: Database, outputs_dir: Path, version: str,
                styles_path: Path | None = None, configs_dir: Path | None = None,
-               cache_dir: Path | None = None):  # fmt: skip
+               cache_dir: Path | None = None, settings: Any = None):  # fmt: skip
         # diffusers' lazy module is not safe to import from two threads at once: import what the
         # workers use here, once, before any of them runs (the executor calls this under a lock).
         import diffusers  # noqa: F401
@@ -69,7 +71,7 @@ class WorkerRuntime:
         )
 
         models = ModelManager(models_dir, plan, HashCache(db), configs_dir=configs_dir, cache_dir=cache_dir)
-        return cls(plan, models, db, outputs_dir, version, styles_path)
+        return cls(plan, models, db, outputs_dir, version, styles_path, settings)
 
     def step_callback(self, emit: Callable[[dict], None], is_cancelled: Callable[[], bool], step_offset: int,
                       total: int, started: float, previews: bool = True):  # fmt: skip

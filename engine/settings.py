@@ -81,6 +81,22 @@ class Settings:
         default=False, metadata={"help": "enable model CPU offload on CUDA (saves VRAM, slower)"}
     )
 
+    ingest_roots: str = field(
+        default="",
+        metadata={"help": "server folders (separated by ':') the dataset ingest may scan, e.g. a ComfyUI output "
+                  "folder; <data-dir>/import is always allowed"},
+    )  # fmt: skip
+    min_approved_images: int = field(
+        default=10, metadata={"help": "approved images a character needs before it can be trained"}
+    )
+    vision_url: str = field(
+        default="",
+        metadata={"help": "OpenAI-compatible vision endpoint for auto-captions, e.g. http://127.0.0.1:11434/v1 "
+                  "(Ollama); empty = off"},
+    )  # fmt: skip
+    vision_model: str = field(default="llava", metadata={"help": "model name the vision endpoint serves"})
+    vision_api_key: str = field(default="", metadata={"help": "API key for the vision endpoint, if it needs one"})
+
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
         self.models_dir = Path(self.models_dir).expanduser().resolve()
@@ -104,6 +120,8 @@ class Settings:
             raise InputError(f"daily_gpu_minutes={self.daily_gpu_minutes!r} must be 0 (no budget) or more")
         if self.jobs_per_device < 1:
             raise InputError(f"jobs_per_device={self.jobs_per_device!r} must be at least 1")
+        if int(self.min_approved_images) < 1:
+            raise InputError(f"min_approved_images={self.min_approved_images!r} must be at least 1")
         if self.auth:
             self.auth_pairs()  # validate early
 
@@ -131,6 +149,16 @@ class Settings:
         return self.database_url or f"sqlite:///{self.data_dir / 'studio.db'}"
 
     @property
+    def import_dir(self) -> Path:
+        """A folder always open to the dataset ingest's folder scan."""
+        return self.data_dir / "import"
+
+    @property
+    def ingest_root_paths(self) -> list[Path]:
+        extra = [Path(p).expanduser().resolve() for p in self.ingest_roots.split(os.pathsep) if p.strip()]
+        return [self.import_dir, *extra]
+
+    @property
     def is_space(self) -> bool:
         return bool(os.environ.get("SPACE_ID"))
 
@@ -153,7 +181,7 @@ class Settings:
         )
 
     def ensure_dirs(self) -> None:
-        for d in (self.data_dir, self.outputs_dir, self.cache_dir, self.gradio_tmp_dir):
+        for d in (self.data_dir, self.outputs_dir, self.cache_dir, self.gradio_tmp_dir, self.import_dir):
             d.mkdir(parents=True, exist_ok=True)
 
 

@@ -65,6 +65,7 @@ class Asset(SQLModel, table=True):
     height: int | None = None
     job_id: str | None = Field(default=None, index=True, max_length=32)
     created_at: datetime = Field(default_factory=utcnow, index=True)
+    character_id: str | None = Field(default=None, index=True, max_length=32)  # a character's sheet
 
 
 class Generation(SQLModel, table=True):
@@ -153,6 +154,105 @@ class Hook(SQLModel, table=True):
     text: str = Field(max_length=500)
     category: str = Field(default="general", index=True, max_length=80)
     created_at: datetime = Field(default_factory=utcnow, index=True)
+
+
+class Project(SQLModel, table=True):
+    """A group of characters with its own default generation style (characters inherit it)."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(max_length=120)
+    slug: str = Field(unique=True, max_length=80)
+    style: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class Character(SQLModel, table=True):
+    """The single source of truth for a character's look. `revision` grows with every edit; a job keeps
+    the snapshot it was submitted with, so editing never rewrites a past image's recipe."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    project_id: str | None = Field(default=None, foreign_key="project.id", ondelete="SET NULL", index=True,
+                                   max_length=32)  # fmt: skip
+    name: str = Field(max_length=120)
+    slug: str = Field(unique=True, max_length=80)
+    trigger_word: str = Field(default="", max_length=80)
+    design_prompt: str = Field(default="", max_length=4000)
+    negative_prompt: str = Field(default="", max_length=4000)
+    style_preset: str = Field(default="", max_length=100)  # a style of styles.csv
+    style: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # overrides of the project's
+    references: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))  # paths under outputs/
+    active_lora_id: str | None = Field(default=None, max_length=32)
+    lora_weight: float = 0.8
+    revision: int = 1
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class LoraFile(SQLModel, table=True):
+    """A LoRA file under models/loras registered with StudioNOVA (uploaded or trained), with its
+    metadata and hashes; attached to a character it is one of the character's LoRA versions."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    name: str = Field(unique=True, max_length=200)  # path under models/loras, as the LoRA list names it
+    character_id: str | None = Field(default=None, foreign_key="character.id", ondelete="SET NULL", index=True,
+                                     max_length=32)  # fmt: skip
+    version: int = 1
+    format: str = Field(default="", max_length=20)  # kohya | diffusers
+    sha256: str = Field(default="", max_length=64)
+    short_hash: str = Field(default="", max_length=12)  # A1111's LoRA hash
+    size: int = 0
+    base_model: str = Field(default="", max_length=200)
+    meta: dict = Field(default_factory=dict, sa_column=Column(JSON, nullable=False))  # ss_* / modelspec.*
+    source: str = Field(default="upload", max_length=20)  # upload | trained
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+DATASET_STATUSES = ("pending", "approved", "rejected")
+
+
+class DatasetItem(SQLModel, table=True):
+    """One image of a character's training set, with where it came from and its review state."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    character_id: str = Field(foreign_key="character.id", ondelete="CASCADE", index=True, max_length=32)
+    path: str = Field(unique=True)
+    sha256: str = Field(max_length=64)
+    phash: str = Field(default="", max_length=32)
+    width: int = 0
+    height: int = 0
+    source: str = Field(default="", max_length=1000)
+    status: str = Field(default="pending", index=True, max_length=10)
+    reasons: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    reason_text: str = Field(default="", max_length=1000)
+    caption: str = Field(default="", max_length=4000)
+    generation_id: str | None = Field(default=None, index=True, max_length=32)
+    regenerated_by: str | None = Field(default=None, max_length=32)  # the job that re-rendered it
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    reviewed_at: datetime | None = None
+
+    __table_args__ = (
+        Index("ux_datasetitem_character_sha", "character_id", "sha256", unique=True),
+        Index("ix_datasetitem_queue", "character_id", "status", "created_at"),
+    )
+
+
+class ReviewAction(SQLModel, table=True):
+    """One approve/reject/reset over some items, with their state before it: undo puts it back."""
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
+    character_id: str = Field(index=True, max_length=32)
+    action: str = Field(max_length=10)
+    before: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow, index=True)
+    undone_at: datetime | None = None
+
+
+class RejectionTerm(SQLModel, table=True):
+    """The editable mapping from a rejection reason to negative-prompt terms."""
+
+    reason: str = Field(primary_key=True, max_length=40)
+    terms: str = Field(default="", max_length=2000)
 
 
 class FileHash(SQLModel, table=True):

@@ -60,7 +60,7 @@ class Studio:
         def runtime_factory(device: str):
             return WorkerRuntime.create(plan, settings.models_dir, db, settings.outputs_dir, ver,
                                         settings.data_dir / "styles.csv", settings.model_configs_path,
-                                        settings.cache_dir)  # fmt: skip
+                                        settings.cache_dir, settings)  # fmt: skip
 
         executor = InProcessExecutor(jobs, [plan.device], settings.jobs_per_device, runtime_factory)
         jobs.attach(executor)
@@ -146,7 +146,7 @@ class Studio:
         values["model"] = self.match_model(values.get("model") or "") or self.default_model()
         if values.get("subseed") is None or int(values["subseed"]) == -1:
             values["subseed"] = secrets.randbelow(MAX_SEED + 1)
-        for key in ("init_image", "mask_image", "control_image"):
+        for key in ("init_image", "mask_image", "control_image", "ip_adapter_image"):
             if values.get(key):
                 values[key] = self.checked_upload(values[key], key)
         # <lora:name:weight> in the prompt joins the LoRA list (the prompt's weight wins for a name given twice)
@@ -155,6 +155,7 @@ class Studio:
             merged = {s.name: s.weight for s in parse_loras(values.get("loras"))}
             merged.update(tags)
             values["loras"] = [{"name": n, "weight": w} for n, w in merged.items()]
+        self._apply_character(values)
         req = GenerateRequest.build(**values)
         models = self.roots.list_models()
         self.roots.resolve("diffusers", req.model, models)  # unknown model -> NotFoundError now, not later
@@ -170,6 +171,10 @@ class Studio:
                 f"controlnet {req.controlnet!r} not found; available: "
                 f"{', '.join(self.controlnet_names()) or 'none (put models in models/controlnet)'}"
             )
+        if req.ip_adapter_image:  # no weights: refused now, saying what to put where
+            from engine.ip_adapter import find_ip_adapter
+
+            find_ip_adapter(self.settings.models_dir, req.ip_adapter, req.ip_adapter_encoder)
         styles = self.styles()
         for name in req.styles:
             styles.get(name)
@@ -332,6 +337,219 @@ class Studio:
 
     def embedding_names(self) -> list[str]:
         return sorted(Path(n).name for n in self.roots.list_files("embeddings"))
+
+    # --- characters and datasets ----------------------------------------------------------------
+    @property
+    def characters(self):
+        from engine.characters import Characters
+
+        return Characters(self.db, self.settings.models_dir)
+
+    @property
+    def datasets(self):
+        from engine.datasets import Datasets
+
+        return Datasets(self.db, self.settings.outputs_dir, self.characters)
+
+    def _apply_character(self, values: dict[str, Any]) -> None:
+        """`character` (a slug or id) -> its frozen snapshot; its style preset joins the styles and its
+        active LoRA version the LoRA list (unless the caller already names that LoRA)."""
+        ref = values.get("character")
+        if not ref:
+            values["character"] = None
+            return
+        if isinstance(ref, dict):  # already a snapshot (a retried or re-run job)
+            return
+        character = self.characters.get(str(ref))
+        snap = self.characters.snapshot(character.id, values.pop("character_lora", None))
+        values["character"] = snap.model_dump(mode="json")
+        if character.style_preset:
+            styles = values.get("styles") or []
+            styles = [p.strip() for p in styles.split(",") if p.strip()] if isinstance(styles, str) else list(styles)
+            if character.style_preset not in styles:
+                values["styles"] = [*styles, character.style_preset]
+        if snap.lora:
+            specs = parse_loras(values.get("loras"))
+            if snap.lora["name"] not in {s.name for s in specs}:
+                values["loras"] = [*({"name": s.name, "weight": s.weight} for s in specs),
+                                   {"name": snap.lora["name"], "weight": snap.lora["weight"]}]  # fmt: skip
+
+    def character_view(self, ref: str) -> dict:
+        """Everything the Characters tab shows of one character (no server paths)."""
+        from sqlmodel import select
+
+        from engine.store import Asset, Project
+
+        chars = self.characters
+        c = chars.get(ref)
+        project = None
+        if c.project_id:
+            with self.db.session() as s:
+                p = s.get(Project, c.project_id)
+                project = p.slug if p else None
+        with self.db.session() as s:
+            sheets = [self._outputs_relative(a.path) for a in s.exec(
+                select(Asset).where(Asset.kind == "sheet", Asset.character_id == c.id).order_by(Asset.created_at))]  # fmt: skip
+        return {
+            "id": c.id, "name": c.name, "slug": c.slug, "project": project, "trigger_word": c.trigger_word,
+            "design_prompt": c.design_prompt, "negative_prompt": c.negative_prompt, "style_preset": c.style_preset,
+            "style": c.style, "references": [self._outputs_relative(p) for p in c.references],
+            "active_lora": c.active_lora_id, "lora_weight": c.lora_weight, "revision": c.revision,
+            "effective_style": chars.effective_style(c),
+            "effective_negative": [t.model_dump() for t in chars.effective_negative(c)],
+            "readiness": self.datasets.readiness(c.id, self.settings.min_approved_images),
+            "loras": [self._lora_public(r) for r in chars.loras(c.id)], "sheets": sheets,
+        }  # fmt: skip
+
+    def _lora_public(self, row) -> dict:
+        return {"id": row.id, "name": row.name, "version": row.version, "format": row.format,
+                "short_hash": row.short_hash, "sha256": row.sha256, "size": row.size, "base_model": row.base_model,
+                "metadata": row.meta, "source": row.source}  # fmt: skip
+
+    def _outputs_relative(self, path: str) -> str:
+        p = Path(path)
+        return p.relative_to(self.settings.outputs_dir).as_posix() if p.is_relative_to(self.settings.outputs_dir) \
+            else p.name
+
+    def list_characters(self, project: str = "") -> list[dict]:
+        out = []
+        for c in self.characters.list(project):
+            out.append({"id": c.id, "slug": c.slug, "name": c.name, "trigger_word": c.trigger_word,
+                        **self.datasets.readiness(c.id, self.settings.min_approved_images)})  # fmt: skip
+        return out
+
+    def save_character(self, values: dict[str, Any], ref: str = "") -> dict:
+        """Create (no ref) or update a character; reference images are copied into outputs/characters/."""
+        values = {k: v for k, v in values.items() if v is not None}
+        refs = values.pop("reference_images", None)
+        chars = self.characters
+        c = chars.update(ref, values) if ref else chars.create(values)
+        if refs:
+            self.add_references(c.id, refs)
+        return self.character_view(c.id)
+
+    def add_references(self, ref: str, paths: list[str]) -> dict:
+        """Validated copies of reference images (decodable PNG/JPEG/WebP) become the character's references."""
+        from engine import ingest
+
+        c = self.characters.get(ref)
+        folder = self.settings.outputs_dir / "characters" / c.id
+        folder.mkdir(parents=True, exist_ok=True)
+        report = ingest.ingest_files([Path(self.checked_upload(p, "reference image")) for p in paths], folder)
+        if report.skipped:
+            for cand in report.candidates:
+                cand.path.unlink(missing_ok=True)
+            raise InputError("; ".join(f"{s.source}: {s.reason}" for s in report.skipped))
+        kept = [*c.references, *(str(cand.path) for cand in report.candidates)]
+        self.characters.update(c.id, {"references": kept})
+        return self.character_view(c.id)
+
+    def submit_ingest(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        from engine import ingest
+        from engine.datasets import IngestRequest
+
+        values = dict(values)
+        character = self.characters.get(values.pop("character", "") or values.get("character_id", ""))
+        values["character_id"] = character.id
+        values["files"] = [self.checked_upload(p, "files") for p in values.get("files") or []]
+        if values.get("folder"):  # outside the allowed roots / missing: refused before a job exists
+            ingest.scan_folder(Path(values["folder"]).expanduser(), self.settings.ingest_root_paths, set())
+            values["folder"] = str(Path(values["folder"]).expanduser().resolve())
+        if values.get("url") and not str(values["url"]).lower().startswith(("http://", "https://")):
+            raise InputError(f"url={values['url']!r}: only http:// and https:// URLs can be ingested")
+        return self.jobs.submit("ingest", IngestRequest.build(**values), owner=owner)
+
+    def review(self, character: str, item_ids: list[str], action: str, reasons=None, reason_text: str = "") -> dict:
+        c = self.characters.get(character)
+        out = self.datasets.review(c.id, item_ids, action, reasons, reason_text)
+        out["min_approved"] = self.settings.min_approved_images
+        out["trainable"] = out["approved"] >= self.settings.min_approved_images
+        return out
+
+    def undo_review(self, character: str, action_id: str = "") -> dict:
+        return self.datasets.undo(self.characters.get(character).id, action_id)
+
+    def review_queue(self, character: str, status: str = "pending", page: int = 1, page_size: int = 50) -> dict:
+        c = self.characters.get(character)
+        out = self.datasets.queue(c.id, status, page, page_size)
+        out["readiness"] = self.datasets.readiness(c.id, self.settings.min_approved_images)
+        return out
+
+    def submit_captions(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        from engine.captioning import VisionConfig
+        from engine.datasets import CaptionRequest
+
+        s = self.settings
+        if VisionConfig.from_settings(s.vision_url, s.vision_model, s.vision_api_key) is None:
+            raise InputError("auto-captioning needs a vision endpoint: start with --vision-url (for example "
+                             "http://127.0.0.1:11434/v1 for Ollama) and --vision-model")  # fmt: skip
+        values = dict(values)
+        values["character_id"] = self.characters.get(values.pop("character", "") or values.get("character_id", "")).id
+        return self.jobs.submit("caption", CaptionRequest.build(**values), owner=owner)
+
+    def suggest_character(self, item_id: str) -> dict:
+        """Ask the vision endpoint which known character a dataset image shows."""
+        from engine.captioning import VisionConfig, suggest_character
+
+        s = self.settings
+        config = VisionConfig.from_settings(s.vision_url, s.vision_model, s.vision_api_key)
+        if config is None:
+            raise InputError("character suggestions need a vision endpoint: start with --vision-url")
+        item = self.datasets.item(item_id)
+        chars = self.characters.list()
+        choices = [(c.name, ", ".join(p for p in (c.trigger_word, c.design_prompt[:200]) if p)) for c in chars]
+        name = suggest_character(config, Path(item.path), choices)
+        match = next((c for c in chars if c.name == name), None)
+        return {"item_id": item_id, "suggested": match.slug if match else None,
+                "current": next((c.slug for c in chars if c.id == item.character_id), None)}  # fmt: skip
+
+    def regenerate_rejected(self, character: str, owner: str = "anonymous") -> dict:
+        """Re-render the character's rejected generated images with its refined negatives (same recipe and
+        seed); the new images join the review queue."""
+        from engine.store import Generation
+
+        c = self.characters.get(character)
+        jobs, skipped = [], []
+        for item in self.datasets.rejected_generations(c.id):
+            with self.db.session() as s:
+                gen = s.get(Generation, item.generation_id)
+            recipe = (gen.recipe or {}) if gen else {}
+            if not gen or recipe.get("mode") != "txt2img" or "request" not in recipe:
+                skipped.append({"id": item.id, "reason": "only txt2img generations can be re-rendered from "
+                                "their recipe (the source image of img2img is not kept)"})  # fmt: skip
+                continue
+            values = dict(recipe["request"], seed=gen.seed, batch_size=1, batch_count=1, character=c.id,
+                          dataset_review=True)  # fmt: skip
+            values.pop("subseed", None) if not values.get("subseed_strength") else None
+            jid, _ = self.jobs.submit("generate", self.build_generate_request(values), owner=owner)
+            self.datasets.mark_regenerated(item.id, jid)
+            jobs.append({"item_id": item.id, "job_id": jid})
+        return {"jobs": jobs, "skipped": skipped,
+                "negative_prompt": ", ".join(t.term for t in self.characters.effective_negative(c))}  # fmt: skip
+
+    def submit_reference_sheet(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        """values: character, views, expressions, seed, prompt, source_image (img2img), use_ip_adapter,
+        ip_adapter_scale, denoising_strength, add_to_dataset, plus any generation field; the character's
+        effective style fills what is not given."""
+        from engine.reference_sheet import ReferenceSheetRequest
+
+        values = {k: v for k, v in values.items() if v is not None}
+        c = self.characters.get(values.get("character") or "")
+        sheet_keys = ("views", "expressions", "add_to_dataset")
+        sheet = {k: values.pop(k) for k in sheet_keys if k in values}
+        base = {k: v["value"] for k, v in self.characters.effective_style(c).items()}
+        base.update(values)
+        base["character"] = c.id
+        source = base.pop("source_image", None)
+        use_ip = bool(base.pop("use_ip_adapter", False))
+        if source and not use_ip:
+            base["init_image"] = source
+        elif source:
+            base["ip_adapter_image"] = source
+        elif use_ip:
+            raise InputError("use_ip_adapter needs a source_image")
+        req = self.build_generate_request(base)
+        return self.jobs.submit("reference_sheet", ReferenceSheetRequest.build(base=req, **sheet), owner=owner)
 
     # --- media library and variants -----------------------------------------------------------
     @property

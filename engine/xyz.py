@@ -194,16 +194,7 @@ def run_xyz_job(req: XYZPlotRequest, ctx) -> dict:
     results: dict[tuple[int, int, int], dict] = {}
     for n, (pos, cell) in enumerate(cells):
         ctx.check_cancelled()
-
-        def emit(event: dict, n: int = n) -> None:
-            if "step" in event:
-                done = n * event["total"] + event["step"]
-                event = {**event, "step": done, "total": event["total"] * len(cells),
-                         "desc": f"cell {n + 1}/{len(cells)}, {event['desc']}"}  # fmt: skip
-            ctx.emit(event)
-
-        sub = type(ctx)(ctx.job_id, ctx.device, emit, ctx.is_cancelled, ctx.runtime, ctx.attempt, ctx.extra)
-        res = generate_images(cell, sub)
+        res = generate_images(cell, ctx.part(n, len(cells), "cell"))
         results[pos] = res.images[0].model_dump()
     grids = []
     rt = ctx.runtime

@@ -48,6 +48,14 @@ def build(ctx: UIContext) -> dict[str, Any]:
     studio = ctx.studio
     with gr.Row():
         with gr.Column(scale=3):
+            with gr.Row():
+                from ui.characters_tab import character_choices
+
+                character = gr.Dropdown([("(none)", ""), *character_choices(studio)], value="", label="Character",
+                                        elem_id="generate_character",
+                                        info="adds its trigger word, design prompt, negatives and LoRA")  # fmt: skip
+                dataset_review = gr.Checkbox(value=False, label="Queue images for review in its dataset",
+                                             elem_id="dataset_review")  # fmt: skip
             prompt = gr.Textbox(
                 label="Prompt", lines=3, value="", placeholder="a portrait of ...", elem_id="prompt"
             )
@@ -175,7 +183,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                  subseed: float = -1, subseed_strength: float = 0.0, vae: str = "", controlnet: str = "",
                  control_image: str | None = None, control_preprocessor: str = "none",
                  controlnet_scale: float = 1.0, styles: list[str] | None = None, refiner: str = "",
-                 refiner_switch_at: float = 0.8, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
+                 refiner_switch_at: float = 0.8, character: str = "", dataset_review: bool = False,
+                 request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
         """Generate images: txt2img; img2img when init_image is given; inpaint with mask_image; outpaint
         with outpaint_*; hires fix with enable_hr; variation seeds; VAE; ControlNet; saved styles.
         Prompts use A1111 syntax ((word:1.2), [word], BREAK, <lora:name:weight>, embedding names).
@@ -196,7 +205,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                       subseed=int(subseed if subseed is not None else -1), subseed_strength=float(subseed_strength),
                       vae=vae or "", controlnet=controlnet or "", control_image=control_image or None,
                       control_preprocessor=control_preprocessor or "none", controlnet_scale=float(controlnet_scale),
-                      styles=list(styles or []), refiner=refiner or "", refiner_switch_at=float(refiner_switch_at))  # fmt: skip
+                      styles=list(styles or []), refiner=refiner or "", refiner_switch_at=float(refiner_switch_at),
+                      character=character or "", dataset_review=bool(dataset_review))  # fmt: skip
         with engine_errors():
             jid, token = studio.submit_generate(values, owner=username(request))
         yield [], "", jid, token, f"**queued** · job `{jid}`", None
@@ -237,7 +247,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                   hr_second_pass_steps=hr_steps, hr_denoising_strength=hr_denoise, subseed=subseed,
                   subseed_strength=subseed_strength, vae=vae, controlnet=controlnet, control_image=control_image,
                   control_preprocessor=control_pre, controlnet_scale=cn_scale, styles=styles, refiner=refiner,
-                  refiner_switch_at=refiner_switch_at)  # fmt: skip
+                  refiner_switch_at=refiner_switch_at, character=character, dataset_review=dataset_review)  # fmt: skip
     # Inputs bound by parameter name, so the API's named parameters and the form cannot drift apart.
     inputs = [fields[name] for name in inspect.signature(generate).parameters if name in fields]
     outputs = [gallery, infotext, job_id, cancel_token, status, preview]
@@ -338,6 +348,20 @@ def build(ctx: UIContext) -> dict[str, Any]:
         return f"{current}, {entry}" if current and current.strip() else entry
 
     lora_add.click(add_lora, [loras, lora_pick, lora_weight], [loras], **PRIVATE)
+
+    def character_style(slug: str):
+        """Picking a character fills the form with its effective style (project, then its own overrides)."""
+        if not slug:
+            return [gr.skip()] * 7
+        with engine_errors():
+            style = {k: v["value"] for k, v in studio.characters.effective_style(studio.characters.get(slug)).items()}
+        return [style.get(k) if style.get(k) not in (None, "") else gr.skip()
+                for k in ("model", "sampler", "steps", "cfg_scale", "width", "height", "clip_skip")]
+
+    character.input(character_style, [character], [model, sampler, steps, cfg, width, height, clip_skip],
+                    **PRIVATE)  # fmt: skip
+    refresh.click(lambda: gr.update(choices=[("(none)", ""), *character_choices(studio)]), None, [character],
+                  **PRIVATE)  # fmt: skip
     return {**fields, "_editor": editor}
 
 

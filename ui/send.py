@@ -10,7 +10,7 @@ import gradio as gr
 REUSED = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "sampler", "model", "loras",
           "clip_skip", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
           "hr_denoising_strength", "subseed", "subseed_strength", "vae", "styles", "refiner", "refiner_switch_at",
-          "mask_blur", "inpaint_only_masked", "inpaint_padding", "masked_content")  # fmt: skip
+          "mask_blur", "inpaint_only_masked", "inpaint_padding", "masked_content", "character")  # fmt: skip
 
 
 def form_targets(form: dict[str, Any]) -> list:
@@ -26,6 +26,8 @@ def form_updates(form: dict[str, Any], params: dict[str, Any], init_image: str |
             continue
         if name in params and params[name] is not None:
             value = params[name]
+            if name == "character" and isinstance(value, dict):  # a recipe's snapshot -> the character's slug
+                value = value.get("slug", "")
             if name == "loras" and isinstance(value, list):
                 value = ", ".join(
                     v if isinstance(v, str) else f"{v['name']}:{v.get('weight', 1):g}" for v in value
