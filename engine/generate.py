@@ -113,7 +113,8 @@ def a1111_params(req: GenerateRequest, seed: int, model_name: str, model_hash: s
     params["Lora hashes"] = ", ".join(f"{n}: {h}" for n, h in lora_hashes.items()) or None
     params["TI hashes"] = ", ".join(f"{n}: {h}" for n, h in ti_hashes.items()) or None
     if extras.get("ip_adapter"):
-        params["IP-Adapter"] = f"{extras['ip_adapter']}, weight: {req.ip_adapter_scale:g}"
+        params["IP-Adapter"] = extras["ip_adapter"]
+        params["IP-Adapter weight"] = f"{req.ip_adapter_scale:g}"
     return params
 
 

@@ -77,7 +77,7 @@ def models(tmp_path_factory) -> Path:
     ModelRoots(root).create_layout()
     demo = ensure_demo_model(root)
     encoder = _tiny_encoder()
-    (root / "clip_vision").mkdir()
+    (root / "clip_vision").mkdir(exist_ok=True)
     encoder.save_pretrained(root / "clip_vision" / "tiny-encoder")
     flat = {k: v.contiguous() for k, v in encoder.state_dict().items()}
     flat["vision_model.embeddings.position_ids"] = torch.arange(65).expand((1, -1)).contiguous()  # old files
@@ -86,7 +86,7 @@ def models(tmp_path_factory) -> Path:
     unet = UNet2DConditionModel.from_pretrained(demo / "unet")
     assert unet.config.cross_attention_dim == 32
     state = _tiny_adapter_state_dict(unet, encoder.config.projection_dim)
-    (root / "ipadapter").mkdir()
+    (root / "ipadapter").mkdir(exist_ok=True)
     save_file({f"{part}.{k}": v.contiguous() for part, d in state.items() for k, v in d.items()},
               str(root / "ipadapter" / "tiny-ip-adapter.safetensors"))  # fmt: skip
     torch.save(state, root / "ipadapter" / "tiny-ip-adapter.bin")
@@ -244,3 +244,41 @@ def test_wrong_encoder_is_named(models, pipe, tmp_path):
     with pytest.raises(InputError, match="projection_dim 32"):
         attach_ip_adapter(pipe, files)
     assert pipe.image_encoder is None
+
+
+def test_studio_generates_and_makes_a_sheet_through_ip_adapter(models, tmp_path):
+    """The whole path: /generate's ip_adapter_image and a character reference sheet from a source image
+    through IP-Adapter; the infotext names the adapter, and the warm pipeline is left as it was."""
+    from PIL import Image
+
+    from engine.settings import Settings
+    from engine.studio import Studio
+    from tests.test_characters import wait
+
+    st = Studio.start(Settings(data_dir=tmp_path / "data", models_dir=models, demo=True, device="cpu"))
+    try:
+        src = st.settings.outputs_dir / "src.png"
+        _images()[0].save(src)
+        fast = dict(steps=STEPS, width=SIZE, height=SIZE, sampler="Euler", seed=4, prompt="a red fox")
+        plain = wait(st, st.submit_generate(dict(fast))[0])["images"][0]
+        jid, _ = st.submit_generate({**fast, "ip_adapter_image": str(src), "ip_adapter": "tiny-ip-adapter.safetensors",
+                                     "ip_adapter_encoder": "tiny-encoder"})  # fmt: skip
+        guided = wait(st, jid)["images"][0]
+        params = Image.open(guided["path"]).info["parameters"]
+        assert "IP-Adapter: tiny-ip-adapter [" in params and "IP-Adapter weight: 0.6" in params
+        assert Image.open(guided["path"]).tobytes() != Image.open(plain["path"]).tobytes()
+        again = wait(st, st.submit_generate(dict(fast))[0])["images"][0]  # detached: same pixels as before
+        assert Image.open(again["path"]).tobytes() == Image.open(plain["path"]).tobytes()
+
+        c = st.characters.create({"name": "Ipa", "trigger_word": "ipa", "style": {"steps": STEPS, "width": SIZE,
+                                                                                 "height": SIZE}})  # fmt: skip
+        jid, _ = st.submit_reference_sheet({"character": c.slug, "seed": 2, "source_image": str(src),
+                                            "use_ip_adapter": True, "ip_adapter": "tiny-ip-adapter.safetensors",
+                                            "ip_adapter_encoder": "tiny-encoder", "views": ["front"],
+                                            "expressions": ["smiling"]})  # fmt: skip
+        res = wait(st, jid)
+        assert len(res["views"]) == 2
+        assert all("IP-Adapter: tiny-ip-adapter" in Image.open(v["path"]).info["parameters"] for v in res["views"])
+        assert "Denoising strength" not in Image.open(res["views"][0]["path"]).info["parameters"]  # not img2img
+    finally:
+        st.close()

@@ -72,7 +72,7 @@ def build(ctx: UIContext) -> dict:
             existing = gr.Dropdown(studio.lora_names(), label="Attach a LoRA from models/loras", value=None)
             attach = gr.Button("Attach", size="sm")
             lora_delete = gr.Textbox(label="Delete LoRA (name)", value="")
-            delete_lora = gr.Button("Delete file and rows", size="sm", variant="stop")
+            delete_lora_btn = gr.Button("Delete file and rows", size="sm", variant="stop")
     with gr.Accordion("Reference sheet", open=False):
         with gr.Row():
             sheet_views = gr.CheckboxGroup(list(SHEET_VIEWS), value=list(SHEET_VIEWS), label="Views")
@@ -263,7 +263,7 @@ def build(ctx: UIContext) -> dict:
     upload.click(upload_lora, [lora_file, lora_name, pick], [hidden], api_name="upload_lora").then(
         fill, [pick], form, **PRIVATE)  # fmt: skip
     attach.click(attach_lora, [existing, pick], [hidden], api_name="attach_lora").then(fill, [pick], form, **PRIVATE)
-    delete_lora.click(delete_lora, [lora_delete], [hidden], api_name="delete_lora").then(
+    delete_lora_btn.click(delete_lora, [lora_delete], [hidden], api_name="delete_lora").then(
         fill, [pick], form, **PRIVATE)  # fmt: skip
     sheet_btn.click(reference_sheet, [pick, sheet_seed, sheet_prompt, sheet_views, sheet_expr, sheet_source, sheet_ip,
                                       sheet_ip_scale, sheet_denoise, sheet_steps, width, height, sheet_dataset],
