@@ -131,7 +131,7 @@ def launch_kwargs(settings: Settings) -> dict:
         "footer_links": ["api", "settings"],
         "ssr_mode": False,
         "mcp_server": False,
-        "head": _review_shortcuts(),
+        "js": _review_shortcuts(),  # keyboard shortcuts of the Review tab
     }
 
 

@@ -285,7 +285,7 @@ class JobService:
             owner=owner or "anonymous",
             cancel_token_hash=hash_token(token),
             request=data,
-            model_key=str(data.get("model", "")),
+            model_key=str(data.get("model") or (data.get("base") or {}).get("model") or ""),  # X/Y/Z, sheets: base
             retry_of=retry_of,
         )
         with self.db.session() as s:
@@ -586,6 +586,6 @@ class JobService:
         }
         per_day = df.groupby("day").agg(**agg).reset_index().sort_values("day", ascending=False).round(2)
         per_model = (
-            df.groupby("model").agg(**agg).reset_index().sort_values("gpu_seconds", ascending=False).round(2)
+            df[df["model"] != ""].groupby("model").agg(**agg).reset_index().sort_values("gpu_seconds", ascending=False).round(2)
         )
         return per_day, per_model

@@ -520,8 +520,15 @@ class Studio:
                 continue
             values = dict(recipe["request"], seed=gen.seed, batch_size=1, batch_count=1, character=c.id,
                           dataset_review=True)  # fmt: skip
-            values.pop("subseed", None) if not values.get("subseed_strength") else None
-            jid, _ = self.jobs.submit("generate", self.build_generate_request(values), owner=owner)
+            # the character's LoRA comes from its current snapshot, not from the old recipe
+            old_lora = ((recipe.get("character") or {}).get("lora") or {}).get("name")
+            values["loras"] = [x for x in values.get("loras") or [] if x.get("name") != old_lora]
+            try:
+                req = self.build_generate_request(values)
+            except InputError as e:  # a model or LoRA of the recipe is gone: this item only
+                skipped.append({"id": item.id, "reason": str(e)})
+                continue
+            jid, _ = self.jobs.submit("generate", req, owner=owner)
             self.datasets.mark_regenerated(item.id, jid)
             jobs.append({"item_id": item.id, "job_id": jid})
         return {"jobs": jobs, "skipped": skipped,

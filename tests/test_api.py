@@ -145,3 +145,30 @@ def test_list_models_and_usage(client):
     client.predict(**SMALL, seed=1, api_name="/generate")
     usage = client.predict(api_name="/usage")
     assert usage["per_model"][0]["model"] == "studionova-demo" and usage["per_model"][0]["jobs"] >= 1
+
+
+def test_readme_characters_example_runs(app, tmp_path):
+    """The README's characters example, as written (a ZIP of two frames stands in for frames.zip)."""
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    from tests.factories import REPO
+
+    rng = np.random.default_rng(42)
+    archive = tmp_path / "frames.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+            z.write(tmp_path / f"{i}.png", f"frames/{i}.png")
+    readme = (REPO / "README.md").read_text()
+    code = readme.split("Characters and their datasets from a script:", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = code.replace("http://127.0.0.1:7860/", app.url).replace('"frames.zip"', repr(str(archive)))
+    code = code.replace('name="Nova"', 'name="Nova Readme"')  # other tests share the app
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    assert len(namespace["report"]["added"]) == 2
+    assert namespace["queue"]["total"] == 3  # the generated image plus the two frames
+    client, slug = namespace["client"], namespace["nova"]["slug"]
+    assert client.predict(character=slug, api_name="/dataset_stats")["rejected"] == 0  # undone

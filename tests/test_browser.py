@@ -142,6 +142,7 @@ def test_inpaint_with_a_mask_painted_in_the_browser(app, tmp_path):
         editor.locator("input[type=file]").first.set_input_files(str(src))
         # paint only once the upload has reached the server and the canvas (its events copy the source out)
         page.wait_for_load_state("networkidle")
+        expect(page.locator("#init_image img")).to_be_visible(timeout=30_000)  # the source is on the canvas
         page.wait_for_timeout(1500)
         editor.get_by_role("button", name="Brush", exact=True).click()
         canvas = editor.locator("canvas").last

@@ -14,7 +14,7 @@ from PIL import Image
 
 from engine.errors import InputError, NotFoundError
 from tests.test_characters import FAST, wait
-from tests.test_ingest import clip, ffmpeg, make_image  # noqa: F401 - the clip fixture
+from tests.test_ingest import _QuietHandler, clip, make_image, serve  # noqa: F401 - fixtures
 
 pytestmark = pytest.mark.usefixtures("studio")
 
@@ -72,6 +72,21 @@ def test_ingest_video_one_frame_per_scene(studio, clip):  # noqa: F811
     reasons = " | ".join(s["reason"] for s in res["skipped"])
     assert "near-duplicate" in reasons and "blurry" in reasons
     assert all(a["source"].startswith("video:scenes.mp4@") for a in res["added"])
+
+
+def test_ingest_url_through_the_job_and_a_clear_error_offline(studio, clip, serve):  # noqa: F811
+    import functools
+    import socket
+
+    c = new_character(studio, "Url Fox")
+    base = serve(functools.partial(_QuietHandler, directory=str(clip.parent)))
+    res = ingest(studio, c, url=f"{base}/{clip.name}")
+    assert len(res["added"]) == 2 and all(a["source"].startswith(f"url:{base}/") for a in res["added"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = ingest(studio, c, url=f"http://127.0.0.1:{port}/gone.mp4")
+    assert res["added"] == [] and "needs network access" in res["skipped"][0]["reason"]
 
 
 def test_ingest_folder_inside_allowed_root_only_new_images(studio, tmp_path):

@@ -10,7 +10,7 @@ import gradio as gr
 from engine.characters import REJECTION_REASONS
 from engine.samplers import SAMPLER_NAMES
 from engine.sheets import SHEET_EXPRESSIONS, SHEET_VIEWS
-from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username
+from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username, wait_for_job
 
 NEGATIVE_COLUMNS = ["term", "source"]
 LORA_COLUMNS = ["version", "name", "format", "short hash", "base model", "source"]
@@ -24,8 +24,10 @@ def build(ctx: UIContext) -> dict:
     """Builds the tab; returns the character dropdown (other tabs refresh their own from it)."""
     studio = ctx.studio
     with gr.Row():
+        # allow_custom_value: the choices are fixed when the page is built, and an API caller (a session of
+        # its own) must still reach characters made since; the engine names the unknown ones.
         pick = gr.Dropdown([("+ new character", ""), *character_choices(studio)], value="", label="Character",
-                           elem_id="character_pick")  # fmt: skip
+                           allow_custom_value=True, elem_id="character_pick")  # fmt: skip
         project = gr.Dropdown(["", *[p.slug for p in studio.characters.projects()]], value="", label="Project",
                               allow_custom_value=True)  # fmt: skip
         refresh = gr.Button("Refresh", size="sm")
@@ -47,8 +49,8 @@ def build(ctx: UIContext) -> dict:
                                     allow_custom_value=True)  # fmt: skip
                 sampler = gr.Dropdown(["", *SAMPLER_NAMES], value="", label="Sampler (empty = inherit)")
             with gr.Row():
-                steps = gr.Number(value=None, precision=0, label="Steps (empty = inherit)")
-                cfg = gr.Number(value=None, label="CFG (empty = inherit)")
+                steps = gr.Number(value=None, precision=0, label="Steps (empty or 0 = inherit)")
+                cfg = gr.Number(value=None, label="CFG (empty or 0 = inherit)")
                 width = gr.Number(value=None, precision=0, label="Width")
                 height = gr.Number(value=None, precision=0, label="Height")
                 lora_weight = gr.Slider(-2, 2, value=0.8, step=0.05, label="LoRA weight")
@@ -69,7 +71,8 @@ def build(ctx: UIContext) -> dict:
             lora_name = gr.Textbox(label="Name (default: the file's)", value="")
             upload = gr.Button("Upload and attach", size="sm")
         with gr.Row():
-            existing = gr.Dropdown(studio.lora_names(), label="Attach a LoRA from models/loras", value=None)
+            existing = gr.Dropdown(studio.lora_names(), label="Attach a LoRA from models/loras", value=None,
+                                   allow_custom_value=True)  # fmt: skip
             attach = gr.Button("Attach", size="sm")
             lora_delete = gr.Textbox(label="Delete LoRA (name)", value="")
             delete_lora_btn = gr.Button("Delete file and rows", size="sm", variant="stop")
@@ -80,7 +83,7 @@ def build(ctx: UIContext) -> dict:
         with gr.Row():
             sheet_seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random, then fixed for every view)")
             sheet_prompt = gr.Textbox(label="Extra prompt", value="")
-            sheet_steps = gr.Number(value=None, precision=0, label="Steps (empty = the character's)")
+            sheet_steps = gr.Number(value=None, precision=0, label="Steps (empty or 0 = the character's)")
         with gr.Row():
             sheet_source = gr.Image(label="Source image (optional)", type="filepath", format="png")
             with gr.Column():
@@ -109,22 +112,26 @@ def build(ctx: UIContext) -> dict:
         with engine_errors():
             return studio.character_view(character)
 
-    def save_character(character: str = "", name: str = "", trigger_word: str = "", design_prompt: str = "",
-                       negative_prompt: str = "", style_preset: str = "", project: str = "", model: str = "",
-                       sampler: str = "", steps: float | None = None, cfg_scale: float | None = None,
-                       width: float | None = None, height: float | None = None, lora_weight: float = 0.8,
+    def save_character(character: str = "", name: str | None = None, trigger_word: str | None = None,
+                       design_prompt: str | None = None, negative_prompt: str | None = None,
+                       style_preset: str | None = None, project: str | None = None, model: str | None = None,
+                       sampler: str | None = None, steps: float | None = None, cfg_scale: float | None = None,
+                       width: float | None = None, height: float | None = None, lora_weight: float | None = None,
                        reference_images: list[str] | None = None) -> dict:  # fmt: skip
-        """Create a character (character empty) or update it (its slug or id). Style fields left empty are
-        inherited from the project, then the defaults."""
-        style = {"model": model or None, "sampler": sampler or None,
-                 "steps": int(steps) if steps not in (None, "") else None,
-                 "cfg_scale": float(cfg_scale) if cfg_scale not in (None, "") else None,
-                 "width": int(width) if width not in (None, "") else None,
-                 "height": int(height) if height not in (None, "") else None}  # fmt: skip
+        """Create a character (character empty) or update it (its slug or id). On an update, fields not given
+        (None) stay as they are; style fields given empty (or 0) are inherited from the project, then the
+        defaults."""
+        style_args = (model, sampler, steps, cfg_scale, width, height)
         values = dict(name=name, trigger_word=trigger_word, design_prompt=design_prompt,
-                      negative_prompt=negative_prompt, style_preset=style_preset, project=project or "",
-                      style={k: v for k, v in style.items() if v is not None}, lora_weight=float(lora_weight),
+                      negative_prompt=negative_prompt, style_preset=style_preset, project=project,
+                      lora_weight=float(lora_weight) if lora_weight is not None else None,
                       reference_images=list(reference_images or []))  # fmt: skip
+        if not character or any(v is not None for v in style_args):
+            # 0 means empty: the browser sends an empty gr.Number as 0, and no style value can be 0 (all >= 1)
+            style = {"model": model or None, "sampler": sampler or None, "steps": int(steps) if steps else None,
+                     "cfg_scale": float(cfg_scale) if cfg_scale else None, "width": int(width) if width else None,
+                     "height": int(height) if height else None}  # fmt: skip
+            values["style"] = {k: v for k, v in style.items() if v is not None}
         if character and not name:
             values.pop("name")
         with engine_errors():
@@ -162,10 +169,10 @@ def build(ctx: UIContext) -> dict:
         with engine_errors():
             return studio._lora_public(studio.characters.register_lora(name, character))
 
-    def delete_lora(lora: str) -> str:
-        """Delete a registered LoRA (by name or id): its rows, then its file."""
-        with engine_errors():
-            return studio.characters.delete_lora(lora)
+    def delete_lora(lora: str) -> dict:
+        """Delete a registered LoRA (by name or id): its rows, then its file. Returns {"deleted": name}."""
+        with engine_errors():  # a dict: the output is a gr.JSON, which would parse a bare name as JSON
+            return {"deleted": studio.characters.delete_lora(lora)}
 
     def reference_sheet(character: str, seed: float = -1, prompt: str = "", views: list[str] | None = None,
                         expressions: list[str] | None = None, source_image: str | None = None,
@@ -184,18 +191,11 @@ def build(ctx: UIContext) -> dict:
                       height=int(height) if height else None, add_to_dataset=bool(add_to_dataset))  # fmt: skip
         with engine_errors():
             jid, _ = studio.submit_reference_sheet(values, owner=username(request))
-        for event in studio.watch(jid):
-            if event["type"] == "progress":
-                progress((event["step"], event["total"]), desc=event.get("desc", ""))
-            elif event["type"] == "done":
-                result = event["result"]
-                return {**{k: v for k, v in result.items() if k not in ("sheet", "views")}, "job_id": jid,
-                        "sheet_file": studio._outputs_relative(result["sheet"]),
-                        "views": [{"view": v["view"], "seed": v["seed"], "generation_id": v["generation_id"],
-                                   "file": studio._outputs_relative(v["path"])} for v in result["views"]]}  # fmt: skip
-            elif event["type"] in ("failed", "cancelled", "interrupted"):
-                raise gr.Error(f"sheet {event['type']}: {event.get('error', '')}", title="Reference sheet failed")
-        raise gr.Error("the sheet job ended without a result")
+        result = wait_for_job(studio, jid, progress, "reference sheet")
+        return {**{k: v for k, v in result.items() if k not in ("sheet", "views")}, "job_id": jid,
+                "sheet_file": studio._outputs_relative(result["sheet"]),
+                "views": [{"view": v["view"], "seed": v["seed"], "generation_id": v["generation_id"],
+                           "file": studio._outputs_relative(v["path"])} for v in result["views"]]}  # fmt: skip
 
     def effective_negative(character: str) -> list:
         """The character's effective negative prompt: each term with where it came from."""
@@ -251,7 +251,8 @@ def build(ctx: UIContext) -> dict:
     delete.click(delete_character, [pick], [hidden], api_name="delete_character").then(
         lambda _: gr.update(choices=[("+ new character", ""), *character_choices(studio)], value=""), [hidden],
         [pick], **PRIVATE)  # fmt: skip
-    refresh.click(list_characters, None, [hidden], api_name="list_characters").then(
+    gr.api(list_characters, api_name="list_characters")  # an event with no inputs would drop `project`
+    refresh.click(
         lambda: (gr.update(choices=[("+ new character", ""), *character_choices(studio)]),
                  gr.update(choices=["", *[p.slug for p in studio.characters.projects()]]),
                  gr.update(choices=studio.lora_names())), None, [pick, project, existing], **PRIVATE)  # fmt: skip

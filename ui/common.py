@@ -56,3 +56,15 @@ def name_range_errors(component, name: str):
 
     component.preprocess = preprocess
     return component
+
+
+def wait_for_job(studio: Studio, job_id: str, progress, what: str) -> dict:
+    """Follow a job to its result, feeding the progress bar; its failure becomes a gr.Error naming `what`."""
+    for event in studio.watch(job_id):
+        if event["type"] == "progress":
+            progress((event["step"], event["total"]), desc=event.get("desc", ""))
+        elif event["type"] == "done":
+            return event["result"]
+        elif event["type"] in ("failed", "cancelled", "interrupted"):
+            raise gr.Error(f"{what} {event['type']}: {event.get('error', '')}", title=f"{what.capitalize()} failed")
+    raise gr.Error(f"the {what} job ended without a result")

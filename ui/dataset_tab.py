@@ -7,25 +7,25 @@ import gradio as gr
 
 from engine.characters import REJECTION_REASONS
 from ui.characters_tab import character_choices
-from ui.common import PRIVATE, UIContext, engine_errors, username
+from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username, wait_for_job
 
 # Review shortcuts: a approve, r reject, p back to pending, u undo, j/→ next, k/← previous; never while typing.
 SHORTCUTS_JS = """
-<script>
-document.addEventListener("keydown", (e) => {
-  const t = e.target;
-  if (e.ctrlKey || e.metaKey || e.altKey) return;
-  if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
-  const panel = document.getElementById("review_panel");
-  if (!panel || panel.offsetParent === null) return;
-  const ids = {a: "review_approve", r: "review_reject", p: "review_pending", u: "review_undo",
-               j: "review_next", ArrowRight: "review_next", k: "review_prev", ArrowLeft: "review_prev"};
-  const id = ids[e.key];
-  if (!id) return;
-  const el = document.getElementById(id);
-  if (el) { e.preventDefault(); el.click(); }
-});
-</script>
+() => {
+  document.addEventListener("keydown", (e) => {
+    const t = e.target;
+    if (e.ctrlKey || e.metaKey || e.altKey) return;
+    if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
+    const panel = document.getElementById("review_panel");
+    if (!panel || panel.offsetParent === null) return;
+    const ids = {a: "review_approve", r: "review_reject", p: "review_pending", u: "review_undo",
+                 j: "review_next", ArrowRight: "review_next", k: "review_prev", ArrowLeft: "review_prev"};
+    const id = ids[e.key];
+    if (!id) return;
+    const el = document.getElementById(id);
+    if (el) { e.preventDefault(); el.click(); }
+  });
+}
 """
 
 PAGE_SIZE = 48
@@ -34,8 +34,10 @@ PAGE_SIZE = 48
 def build_ingest(ctx: UIContext) -> dict:
     studio = ctx.studio
     with gr.Row():
-        character = gr.Dropdown(character_choices(studio), label="Character", value=None, elem_id="ingest_character")
-        refresh = gr.Button("Refresh", size="sm")
+        # allow_custom_value: API callers name characters made after the page was built (see characters_tab)
+        character = gr.Dropdown(character_choices(studio), label="Character", value=None, allow_custom_value=True,
+                                elem_id="ingest_character")  # fmt: skip
+        refresh = gr.Button("Refresh", size="sm", elem_id="ingest_refresh")
     files = gr.File(label="Images, ZIPs of images, or videos", file_count="multiple", type="filepath",
                     elem_id="ingest_files")  # fmt: skip
     with gr.Row():
@@ -63,14 +65,7 @@ def build_ingest(ctx: UIContext) -> dict:
                       scene_threshold=float(scene_threshold), min_sharpness=float(min_sharpness))  # fmt: skip
         with engine_errors():
             jid, _ = studio.submit_ingest(values, owner=username(request))
-        for event in studio.watch(jid):
-            if event["type"] == "progress":
-                progress((event["step"], event["total"]), desc=event.get("desc", ""))
-            elif event["type"] == "done":
-                return {**event["result"], "job_id": jid}
-            elif event["type"] in ("failed", "cancelled", "interrupted"):
-                raise gr.Error(f"ingest {event['type']}: {event.get('error', '')}", title="Ingest failed")
-        raise gr.Error("the ingest job ended without a result")
+        return {**wait_for_job(studio, jid, progress, "ingest"), "job_id": jid}
 
     def describe(r: dict | None) -> str:
         if not r:
@@ -81,7 +76,7 @@ def build_ingest(ctx: UIContext) -> dict:
         return "\n".join(lines)
 
     go.click(ingest, [character, files, folder, url, video_mode, fps, scene_threshold, min_sharpness], [result],
-             api_name="ingest").then(describe, [result], [summary], **PRIVATE)  # fmt: skip
+             api_name="ingest", concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).then(describe, [result], [summary], **PRIVATE)  # fmt: skip
     refresh.click(lambda: gr.update(choices=character_choices(studio)), None, [character], **PRIVATE)
     return {"character": character}
 
@@ -92,10 +87,11 @@ def build_review(ctx: UIContext) -> dict:
     with gr.Column(elem_id="review_panel"):
         with gr.Row():
             character = gr.Dropdown(character_choices(studio), label="Character", value=None,
-                                    elem_id="review_character")  # fmt: skip
+                                    allow_custom_value=True, elem_id="review_character")  # fmt: skip
             status = gr.Radio(["pending", "approved", "rejected", "all"], value="pending", label="Show")
             page = gr.Number(value=1, precision=0, label="Page", minimum=1)
             load = gr.Button("Load", size="sm", elem_id="review_load")
+            refresh = gr.Button("Refresh characters", size="sm", elem_id="review_refresh")
         readiness = gr.Markdown(elem_id="review_readiness")
         with gr.Row():
             with gr.Column(scale=2):
@@ -132,8 +128,9 @@ def build_review(ctx: UIContext) -> dict:
                 suggest = gr.Button("Which character is this? (vision endpoint)", size="sm")
         regen = gr.Button("Regenerate rejected (with the refined negative prompt)", elem_id="review_regenerate")
         note = gr.Markdown(elem_id="review_note")
-    ids = gr.State([])
-    cursor = gr.State(0)
+    # not gr.State: that keeps a heartbeat stream open, so a page never goes network-idle (see gallery_tab)
+    ids = gr.JSON([], visible=False)
+    cursor = gr.Number(0, precision=0, visible=False)
     hidden = gr.JSON(visible=False)
 
     # --- API functions ------------------------------------------------------------------------
@@ -173,14 +170,7 @@ def build_review(ctx: UIContext) -> dict:
         with engine_errors():
             jid, _ = studio.submit_captions({"character": character or "", "overwrite": bool(overwrite)},
                                             owner=username(request))  # fmt: skip
-        for event in studio.watch(jid):
-            if event["type"] == "progress":
-                progress((event["step"], event["total"]), desc=event.get("desc", ""))
-            elif event["type"] == "done":
-                return {**event["result"], "job_id": jid}
-            elif event["type"] in ("failed", "cancelled", "interrupted"):
-                raise gr.Error(f"captioning {event['type']}: {event.get('error', '')}", title="Captioning failed")
-        raise gr.Error("the caption job ended without a result")
+        return {**wait_for_job(studio, jid, progress, "captioning"), "job_id": jid}
 
     def suggest_character(item_id: str) -> dict:
         """Ask the vision endpoint which known character a dataset image shows."""
@@ -232,6 +222,8 @@ def build_review(ctx: UIContext) -> dict:
     queue_inputs = [character, status, page]
 
     gr.api(review_queue, api_name="review_queue")
+    # without it a character made after the page loaded could not be picked here
+    refresh.click(lambda: gr.update(choices=character_choices(studio)), None, [character], **PRIVATE)
     load.click(show, [*queue_inputs, cursor], view_outputs, **PRIVATE)
     character.change(show, queue_inputs, view_outputs, **PRIVATE)
     status.change(show, queue_inputs, view_outputs, **PRIVATE)
@@ -259,7 +251,8 @@ def build_review(ctx: UIContext) -> dict:
         lambda r: f"caption saved: {r['caption']}" if r else "", [hidden], [note], **PRIVATE)  # fmt: skip
     replace_btn.click(replace_captions, [character, find, replace, regex], [hidden], api_name="replace_captions").then(
         lambda r: f"{r['changed']} caption(s) changed" if r else "", [hidden], [note], **PRIVATE)  # fmt: skip
-    auto.click(auto_caption, [character, overwrite], [hidden], api_name="auto_caption").then(
+    auto.click(auto_caption, [character, overwrite], [hidden], api_name="auto_caption",
+               concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).then(
         lambda r: f"{len(r['captioned'])} captioned, {r['kept']} kept, {len(r['failed'])} failed" if r else "",
         [hidden], [note], **PRIVATE)  # fmt: skip
     suggest.click(suggest_character, [selected], [hidden], api_name="suggest_character").then(

@@ -52,7 +52,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                 from ui.characters_tab import character_choices
 
                 character = gr.Dropdown([("(none)", ""), *character_choices(studio)], value="", label="Character",
-                                        elem_id="generate_character",
+                                        elem_id="generate_character", allow_custom_value=True,
                                         info="adds its trigger word, design prompt, negatives and LoRA")  # fmt: skip
                 dataset_review = gr.Checkbox(value=False, label="Queue images for review in its dataset",
                                              elem_id="dataset_review")  # fmt: skip
