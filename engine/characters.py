@@ -12,6 +12,7 @@ maps to (`RejectionTerm`, editable), each shown with where it came from.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections import Counter
@@ -30,6 +31,7 @@ from engine.store import (
     LoraFile,
     Project,
     RejectionTerm,
+    new_id,
     utcnow,
 )
 
@@ -241,8 +243,18 @@ class Characters:
                 s.add(lora)
             s.delete(character)
             s.commit()
+        from engine.store import Asset
+
+        with self.db.session() as s:  # its reference sheets (rows, then files)
+            sheets = list(s.exec(select(Asset).where(Asset.character_id == character.id)))
+            for asset in sheets:
+                s.delete(asset)
+            s.commit()
+        for asset in sheets:
+            Path(asset.path).unlink(missing_ok=True)
         shutil.rmtree(dataset_dir(outputs_dir, character.id), ignore_errors=True)
-        return {"deleted": character.slug, "dataset_items": len(items)}
+        shutil.rmtree(Path(outputs_dir) / "characters" / character.id, ignore_errors=True)  # reference images
+        return {"deleted": character.slug, "dataset_items": len(items), "sheets": len(sheets)}
 
     def effective_style(self, character: Character) -> dict[str, dict[str, Any]]:
         """key -> {"value", "source"}: GenerateRequest's default, then the project's, then the character's."""
@@ -338,14 +350,24 @@ class Characters:
         target = folder / f"{stem}.safetensors"
         with self.db.session() as s:
             owner = self._get(s, Character, character, "character") if character else None
-            if s.exec(select(LoraFile).where(LoraFile.name == stem)).first() or target.exists():
+            from engine.paths import ModelRoots
+
+            taken = s.exec(select(LoraFile).where(LoraFile.name == stem)).first() is not None
+            if taken or target.exists() or stem in ModelRoots(self.models_dir).list_files("loras"):
                 raise InputError(f"a LoRA named {stem!r} already exists in models/loras; pick another name")
             version = 1
             if owner is not None:
                 versions = s.exec(select(LoraFile.version).where(LoraFile.character_id == owner.id)).all()
                 version = max(versions, default=0) + 1
-        with atomic_write(target) as f, open(source, "rb") as src:
+        staged = folder / f".tmp-{stem}-{new_id()}.safetensors"
+        with atomic_write(staged) as f, open(source, "rb") as src:
             shutil.copyfileobj(src, f, 1 << 20)
+        try:
+            os.link(staged, target)  # the final name is created exclusively: two uploads never share it
+        except FileExistsError:
+            raise InputError(f"a LoRA named {stem!r} already exists in models/loras; pick another name") from None
+        finally:
+            staged.unlink(missing_ok=True)
         try:
             row = LoraFile(name=stem, character_id=owner.id if owner else None, version=version,
                            format=lora_format(target), sha256=sha256_file(target),
@@ -381,6 +403,10 @@ class Characters:
                 row = LoraFile(name=name, format=lora_format(path), sha256=sha256_file(path),
                                short_hash=lora_short_hash(path), size=path.stat().st_size,
                                base_model=info["base_model"], meta=info["metadata"], source="upload")  # fmt: skip
+            if owner is not None and row.character_id not in (None, owner.id):
+                other = s.get(Character, row.character_id)
+                raise InputError(f"LoRA {name!r} is a version of {other.slug if other else row.character_id!r}; "
+                                 "upload a copy under another name to use it for this character")  # fmt: skip
             if owner is not None and row.character_id != owner.id:
                 versions = s.exec(select(LoraFile.version).where(LoraFile.character_id == owner.id)).all()
                 row.character_id, row.version = owner.id, max(versions, default=0) + 1
@@ -486,7 +512,7 @@ def inspect_lora(path: Path) -> dict:
     meta = {k: str(v)[:2000] for k, v in (header.get("__metadata__") or {}).items()
             if k.startswith(("ss_", "modelspec.", "sshs_"))}  # fmt: skip
     base = meta.get("ss_sd_model_name") or meta.get("modelspec.architecture") or meta.get("ss_base_model_version", "")
-    return {"format": fmt, "metadata": meta, "base_model": base, "tensors": len(keys)}
+    return {"format": fmt, "metadata": meta, "base_model": str(base)[:200], "tensors": len(keys)}
 
 
 def _clean(value: str, what: str, limit: int) -> str:

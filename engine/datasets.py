@@ -230,6 +230,12 @@ class Datasets:
             if action_id:
                 q = q.where(ReviewAction.id == action_id)
             record = s.exec(q.order_by(col(ReviewAction.created_at).desc()).limit(1)).first()
+            latest = s.exec(select(ReviewAction.id).where(ReviewAction.character_id == character_id,
+                                                          col(ReviewAction.undone_at).is_(None))
+                            .order_by(col(ReviewAction.created_at).desc()).limit(1)).first()  # fmt: skip
+            if record is not None and record.id != latest:
+                raise InputError(f"review action {action_id!r} is not the latest; undo the newer ones first "
+                                 "(undo goes back in order, so later reviews are never overwritten)")  # fmt: skip
             if record is None:
                 raise InputError("nothing to undo" if not action_id else f"review action {action_id!r} cannot be "
                                  "undone (unknown, another character's, or already undone)")  # fmt: skip
@@ -282,20 +288,31 @@ class Datasets:
             raise InputError("find: give the text to look for")
         try:
             pattern = re.compile(find if regex else re.escape(find))
+            if regex:
+                pattern.sub(replace, "")  # a bad group reference such as \1 fails here, not halfway
         except re.error as e:
-            raise InputError(f"find={find!r} is not a valid regular expression: {e}") from None
+            raise InputError(f"find={find!r} / replace={replace!r} is not a valid regular expression: {e}") from None
+        repl = replace if regex else (lambda _m: replace)
         character = self.characters.get(character_id)
-        changed = 0
-        with self.db.session() as s:
-            for row in s.exec(select(DatasetItem).where(DatasetItem.character_id == character.id,
-                                                        DatasetItem.status == "approved")):  # fmt: skip
-                new = normalise_caption(pattern.sub(replace, row.caption), character.trigger_word)
-                if new != row.caption:
-                    row.caption = new
-                    s.add(row)
-                    changed += 1
-            s.commit()
-        return {"changed": changed}
+        with self.db.session() as s:  # read, compute outside any write transaction, then write in one short one
+            rows = list(s.exec(select(DatasetItem.id, DatasetItem.caption).where(
+                DatasetItem.character_id == character.id, DatasetItem.status == "approved")))  # fmt: skip
+        changes = {}
+        for item_id, caption in rows:
+            new = normalise_caption(pattern.sub(repl, caption), character.trigger_word)
+            if len(new) > 4000:
+                raise InputError(f"the replacement makes item {item_id}'s caption {len(new)} characters; at most 4000")
+            if new != caption:
+                changes[item_id] = new
+        if changes:
+            with self.db.session() as s:
+                for item_id, new in changes.items():
+                    row = s.get(DatasetItem, item_id)
+                    if row is not None:
+                        row.caption = new
+                        s.add(row)
+                s.commit()
+        return {"changed": len(changes)}
 
     def readiness(self, character_id: str, minimum: int | None = None) -> dict:
         with self.db.session() as s:
@@ -376,6 +393,10 @@ def run_ingest_job(req: IngestRequest, ctx) -> dict:
                 report = _ingest_one(ingest, kind, value, work, req)
             except InputError as e:
                 skipped.append({"source": _label(kind, value), "reason": str(e)})
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad source never stops the others
+                log.exception("ingest of %s failed", _label(kind, value))
+                skipped.append({"source": _label(kind, value), "reason": f"could not be read: {type(e).__name__}: {e}"})
                 continue
             candidates = report.candidates
             if kind == "video" or any(c.source.startswith(("video:", "url:")) for c in candidates):

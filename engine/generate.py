@@ -373,6 +373,8 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
         "device": rt.plan.device,
         "dtype": rt.plan.dtype,
     }
+    if extras.get("ip_adapter"):
+        recipe["ip_adapter"] = {"name": extras["ip_adapter"], "scale": req.ip_adapter_scale}
     if req.character is not None:  # who it shows, and which LoRA version, as of submission
         recipe["character"] = req.character.model_dump(mode="json")
     day = utcnow().strftime("%Y-%m-%d")

@@ -18,7 +18,7 @@ from engine.jobs import JOB_KINDS, InProcessExecutor, JobService
 from engine.paths import ModelRoots, within
 from engine.pipelines import lora_format, model_label
 from engine.prompts import extract_lora_tags
-from engine.requests import MAX_SEED, GenerateRequest, parse_loras
+from engine.requests import MAX_SEED, GenerateRequest, LoraSpec, parse_loras
 from engine.settings import Settings
 from engine.store import Database, Job
 from engine.styles import StyleBook
@@ -141,6 +141,7 @@ class Studio:
     def build_generate_request(self, values: dict[str, Any]) -> GenerateRequest:
         """Validate form/API values into a request with a real seed and a checked model."""
         values = dict(values)
+        self._apply_character(values)
         if values.get("seed") is None or int(values["seed"]) == -1:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
         values["model"] = self.match_model(values.get("model") or "") or self.default_model()
@@ -155,7 +156,6 @@ class Studio:
             merged = {s.name: s.weight for s in parse_loras(values.get("loras"))}
             merged.update(tags)
             values["loras"] = [{"name": n, "weight": w} for n, w in merged.items()]
-        self._apply_character(values)
         req = GenerateRequest.build(**values)
         models = self.roots.list_models()
         self.roots.resolve("diffusers", req.model, models)  # unknown model -> NotFoundError now, not later
@@ -355,13 +355,22 @@ class Studio:
         """`character` (a slug or id) -> its frozen snapshot; its style preset joins the styles and its
         active LoRA version the LoRA list (unless the caller already names that LoRA)."""
         ref = values.get("character")
+        use_style = bool(values.pop("use_character_style", False))
+        lora_pin = values.pop("character_lora", None) or None
         if not ref:
             values["character"] = None
             return
         if isinstance(ref, dict):  # already a snapshot (a retried or re-run job)
             return
+        from engine.characters import STYLE_KEYS
+
         character = self.characters.get(str(ref))
-        snap = self.characters.snapshot(character.id, values.pop("character_lora", None))
+        style = {k: v["value"] for k, v in self.characters.effective_style(character).items()}
+        if use_style:  # the character's (or its project's) sampler, steps, CFG, size and clip skip
+            values.update({k: v for k, v in style.items() if k in STYLE_KEYS and v not in (None, "")})
+        elif not values.get("model") and style.get("model"):
+            values["model"] = style["model"]
+        snap = self.characters.snapshot(character.id, lora_pin)
         values["character"] = snap.model_dump(mode="json")
         if character.style_preset:
             styles = values.get("styles") or []
@@ -369,10 +378,12 @@ class Studio:
             if character.style_preset not in styles:
                 values["styles"] = [*styles, character.style_preset]
         if snap.lora:
-            specs = parse_loras(values.get("loras"))
-            if snap.lora["name"] not in {s.name for s in specs}:
-                values["loras"] = [*({"name": s.name, "weight": s.weight} for s in specs),
-                                   {"name": snap.lora["name"], "weight": snap.lora["weight"]}]  # fmt: skip
+            # other versions of this character's LoRA (from a reused recipe) give way to the snapshot's
+            versions = {r.name for r in self.characters.loras(character.id)} - {snap.lora["name"]}
+            specs = [x for x in parse_loras(values.get("loras")) if x.name not in versions]
+            if snap.lora["name"] not in {x.name for x in specs}:
+                specs.append(LoraSpec(name=snap.lora["name"], weight=snap.lora["weight"]))
+            values["loras"] = [{"name": x.name, "weight": x.weight} for x in specs]
 
     def character_view(self, ref: str) -> dict:
         """Everything the Characters tab shows of one character (no server paths)."""
@@ -425,7 +436,12 @@ class Studio:
         chars = self.characters
         c = chars.update(ref, values) if ref else chars.create(values)
         if refs:
-            self.add_references(c.id, refs)
+            try:
+                self.add_references(c.id, refs)
+            except InputError:
+                if not ref:  # a new character with bad references is not half-created
+                    chars.delete(c.id, self.settings.outputs_dir)
+                raise
         return self.character_view(c.id)
 
     def add_references(self, ref: str, paths: list[str]) -> dict:
@@ -514,9 +530,9 @@ class Studio:
             with self.db.session() as s:
                 gen = s.get(Generation, item.generation_id)
             recipe = (gen.recipe or {}) if gen else {}
-            if not gen or recipe.get("mode") != "txt2img" or "request" not in recipe:
-                skipped.append({"id": item.id, "reason": "only txt2img generations can be re-rendered from "
-                                "their recipe (the source image of img2img is not kept)"})  # fmt: skip
+            if not gen or recipe.get("mode") != "txt2img" or "request" not in recipe or recipe.get("ip_adapter"):
+                skipped.append({"id": item.id, "reason": "only txt2img generations without an IP-Adapter image can "
+                                "be re-rendered from their recipe (source images are not kept)"})  # fmt: skip
                 continue
             values = dict(recipe["request"], seed=gen.seed, batch_size=1, batch_count=1, character=c.id,
                           dataset_review=True)  # fmt: skip
@@ -527,6 +543,12 @@ class Studio:
                 req = self.build_generate_request(values)
             except InputError as e:  # a model or LoRA of the recipe is gone: this item only
                 skipped.append({"id": item.id, "reason": str(e)})
+                continue
+            from engine.characters import compose_negative, merge_terms
+
+            if merge_terms(compose_negative(req.character, req.negative_prompt)) == merge_terms(gen.negative_prompt):
+                skipped.append({"id": item.id, "reason": "its rejection taught no new negative terms (edit the "
+                                "mapping of its reasons), so a re-render would give the same picture"})  # fmt: skip
                 continue
             jid, _ = self.jobs.submit("generate", req, owner=owner)
             self.datasets.mark_regenerated(item.id, jid)

@@ -177,3 +177,27 @@ def test_reference_sheet_from_text_and_ip_adapter_refusal(studio, tmp_path):
     assert "Denoising strength" in Image.open(res["views"][0]["path"]).info["parameters"]
     with pytest.raises(InputError, match="view 'top'"):
         studio.submit_reference_sheet({"character": c.slug, "seed": 1, "views": ["top"]})
+
+
+def test_character_style_loras_and_delete_fixes(studio, models_dir, tmp_path):
+    from tests.factories import save_kohya_lora
+
+    chars = studio.characters
+    a = chars.create({"name": "Style User", "style": {"steps": 3, "cfg_scale": 4.5, "width": 64, "height": 64}})
+    jid, _ = studio.submit_generate({"prompt": "x", "seed": 1, "character": a.slug, "use_character_style": True,
+                                     "sampler": "Euler"})  # fmt: skip
+    assert "Steps: 3, Sampler: Euler a, CFG scale: 4.5" in wait(studio, jid)["images"][0]["infotext"]
+    # a LoRA version belongs to one character: attaching it elsewhere is refused, the owner keeps working
+    src = save_kohya_lora(tmp_path / "own.safetensors", models_dir / "diffusers" / "studionova-demo", seed=9)
+    row = chars.add_lora(src, "owned_by_a", a.slug)
+    b = chars.create({"name": "Thief"})
+    with pytest.raises(InputError, match="is a version of 'style-user'"):
+        chars.register_lora("owned_by_a", b.slug)
+    assert chars.snapshot(a.slug).lora["name"] == "owned_by_a"
+    chars.delete_lora(row.id)
+    # deleting a character removes its sheets and reference images too
+    jid, _ = studio.submit_reference_sheet({"character": a.slug, "seed": 5, "views": ["front"], "expressions": []})
+    sheet = Path(wait(studio, jid)["sheet"])
+    assert sheet.is_file()
+    out = chars.delete(a.slug, studio.settings.outputs_dir)
+    assert out["sheets"] == 1 and not sheet.exists()

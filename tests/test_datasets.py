@@ -248,3 +248,21 @@ def test_captions_manual_replace_and_vision_endpoint(studio):
             assert studio.suggest_character(red_id)["suggested"] == c.slug
         finally:
             s.vision_url, s.vision_api_key = "", ""
+
+
+def test_review_fixes_undo_order_regex_and_regenerate_without_new_terms(studio):
+    c, ids = _three_items(studio, "Order Owl")
+    first = studio.review(c.slug, ids[:1], "approve")["action_id"]
+    studio.review(c.slug, ids[1:2], "approve")
+    with pytest.raises(InputError, match="not the latest"):
+        studio.undo_review(c.slug, first)
+    with pytest.raises(InputError, match="regular expression"):
+        studio.datasets.replace_captions(c.id, "(o)", r"\2", regex=True)
+    # a rejection whose reasons map to no terms would re-render the same picture: skipped, with the reason
+    g = new_character(studio, "Same Sam")
+    wait(studio, studio.submit_generate({"prompt": "x", "seed": 2, "character": g.slug, "dataset_review": True,
+                                         **FAST})[0])  # fmt: skip
+    item = studio.review_queue(g.slug)["items"][0]
+    studio.review(g.slug, [item["id"]], "reject", ["other"], "just not right")
+    out = studio.regenerate_rejected(g.slug)
+    assert out["jobs"] == [] and "no new negative terms" in out["skipped"][0]["reason"]

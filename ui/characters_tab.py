@@ -117,15 +117,15 @@ def build(ctx: UIContext) -> dict:
                        style_preset: str | None = None, project: str | None = None, model: str | None = None,
                        sampler: str | None = None, steps: float | None = None, cfg_scale: float | None = None,
                        width: float | None = None, height: float | None = None, lora_weight: float | None = None,
-                       reference_images: list[str] | None = None) -> dict:  # fmt: skip
+                       reference_images: list[str] | None = None, active_lora: str | None = None) -> dict:  # fmt: skip
         """Create a character (character empty) or update it (its slug or id). On an update, fields not given
         (None) stay as they are; style fields given empty (or 0) are inherited from the project, then the
-        defaults."""
+        defaults. active_lora picks which of its LoRA versions generation uses ("" = none)."""
         style_args = (model, sampler, steps, cfg_scale, width, height)
         values = dict(name=name, trigger_word=trigger_word, design_prompt=design_prompt,
                       negative_prompt=negative_prompt, style_preset=style_preset, project=project,
                       lora_weight=float(lora_weight) if lora_weight is not None else None,
-                      reference_images=list(reference_images or []))  # fmt: skip
+                      reference_images=list(reference_images or []), active_lora=active_lora)  # fmt: skip
         if not character or any(v is not None for v in style_args):
             # 0 means empty: the browser sends an empty gr.Number as 0, and no style value can be 0 (all >= 1)
             style = {"model": model or None, "sampler": sampler or None, "steps": int(steps) if steps else None,
@@ -246,9 +246,9 @@ def build(ctx: UIContext) -> dict:
 
     pick.change(fill, [pick], form, **PRIVATE)
     save.click(save_character, [pick, name, trigger, design, negative, style_preset, project, model, sampler, steps,
-                                cfg, width, height, lora_weight, refs], [hidden], api_name="save_character").then(
-        after_save, [hidden], [pick], **PRIVATE).then(fill, [pick], form, **PRIVATE)  # fmt: skip
-    delete.click(delete_character, [pick], [hidden], api_name="delete_character").then(
+                                cfg, width, height, lora_weight, refs], [hidden], api_name="save_character").success(
+        after_save, [hidden], [pick], **PRIVATE).success(fill, [pick], form, **PRIVATE)  # fmt: skip
+    delete.click(delete_character, [pick], [hidden], api_name="delete_character").success(
         lambda _: gr.update(choices=[("+ new character", ""), *character_choices(studio)], value=""), [hidden],
         [pick], **PRIVATE)  # fmt: skip
     gr.api(list_characters, api_name="list_characters")  # an event with no inputs would drop `project`
@@ -258,23 +258,23 @@ def build(ctx: UIContext) -> dict:
                  gr.update(choices=studio.lora_names())), None, [pick, project, existing], **PRIVATE)  # fmt: skip
     gr.api(get_character, api_name="get_character")
     project_btn.click(create_project, [project_name, model, sampler, steps, cfg, width, height], [hidden],
-                      api_name="create_project").then(
+                      api_name="create_project").success(
         lambda: gr.update(choices=["", *[p.slug for p in studio.characters.projects()]]), None, [project],
         **PRIVATE)  # fmt: skip
-    upload.click(upload_lora, [lora_file, lora_name, pick], [hidden], api_name="upload_lora").then(
+    upload.click(upload_lora, [lora_file, lora_name, pick], [hidden], api_name="upload_lora").success(
         fill, [pick], form, **PRIVATE)  # fmt: skip
-    attach.click(attach_lora, [existing, pick], [hidden], api_name="attach_lora").then(fill, [pick], form, **PRIVATE)
-    delete_lora_btn.click(delete_lora, [lora_delete], [hidden], api_name="delete_lora").then(
+    attach.click(attach_lora, [existing, pick], [hidden], api_name="attach_lora").success(fill, [pick], form, **PRIVATE)
+    delete_lora_btn.click(delete_lora, [lora_delete], [hidden], api_name="delete_lora").success(
         fill, [pick], form, **PRIVATE)  # fmt: skip
     sheet_btn.click(reference_sheet, [pick, sheet_seed, sheet_prompt, sheet_views, sheet_expr, sheet_source, sheet_ip,
                                       sheet_ip_scale, sheet_denoise, sheet_steps, width, height, sheet_dataset],
                     [hidden], api_name="reference_sheet", concurrency_limit=ctx.settings.max_queue,
-                    concurrency_id=JOBS_CONCURRENCY_ID).then(
+                    concurrency_id=JOBS_CONCURRENCY_ID).success(
         lambda r: str(studio.settings.outputs_dir / r["sheet_file"]) if r else None, [hidden], [sheet_image],
         **PRIVATE)  # fmt: skip
     gr.api(effective_negative, api_name="effective_negative")
     gr.api(rejection_terms, api_name="rejection_terms")
-    terms_save.click(set_rejection_terms, [terms_box], [hidden], api_name="set_rejection_terms").then(
-        lambda m: json.dumps(m, indent=1) if m else gr.skip(), [hidden], [terms_box], **PRIVATE).then(
+    terms_save.click(set_rejection_terms, [terms_box], [hidden], api_name="set_rejection_terms").success(
+        lambda m: json.dumps(m, indent=1) if m else gr.skip(), [hidden], [terms_box], **PRIVATE).success(
         fill, [pick], form, **PRIVATE)  # fmt: skip
     return {"pick": pick}

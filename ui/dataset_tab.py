@@ -15,7 +15,9 @@ SHORTCUTS_JS = """
   document.addEventListener("keydown", (e) => {
     const t = e.target;
     if (e.ctrlKey || e.metaKey || e.altKey) return;
-    if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA" || t.isContentEditable)) return;
+    const typing = t && (t.tagName === "TEXTAREA" || t.isContentEditable || (t.tagName === "INPUT" &&
+      !["checkbox", "radio", "button", "range"].includes(t.type)));
+    if (typing) return;
     const panel = document.getElementById("review_panel");
     if (!panel || panel.offsetParent === null) return;
     const ids = {a: "review_approve", r: "review_reject", p: "review_pending", u: "review_undo",
@@ -76,7 +78,7 @@ def build_ingest(ctx: UIContext) -> dict:
         return "\n".join(lines)
 
     go.click(ingest, [character, files, folder, url, video_mode, fps, scene_threshold, min_sharpness], [result],
-             api_name="ingest", concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).then(describe, [result], [summary], **PRIVATE)  # fmt: skip
+             api_name="ingest", concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).success(describe, [result], [summary], **PRIVATE)  # fmt: skip
     refresh.click(lambda: gr.update(choices=character_choices(studio)), None, [character], **PRIVATE)
     return {"character": character}
 
@@ -241,24 +243,24 @@ def build_review(ctx: UIContext) -> dict:
 
     for button, action in ((approve, "approve"), (reject, "reject"), (pending, "pending")):
         button.click(lambda c, i, r, t, a=action: review(c, i, a, r, t), [character, selected, reasons, reason_text],
-                     [hidden], **PRIVATE).then(after, [hidden], [note], **PRIVATE).then(
+                     [hidden], **PRIVATE).success(after, [hidden], [note], **PRIVATE).success(
             show, [*queue_inputs, cursor], view_outputs, **PRIVATE)  # fmt: skip
     gr.api(review, api_name="review")
     gr.api(undo_review, api_name="undo_review")
-    undo.click(lambda c: undo_review(c, ""), [character], [hidden], **PRIVATE).then(
-        after, [hidden], [note], **PRIVATE).then(show, [*queue_inputs, cursor], view_outputs, **PRIVATE)  # fmt: skip
-    caption_save.click(set_caption, [selected, caption], [hidden], api_name="set_caption").then(
+    undo.click(lambda c: undo_review(c, ""), [character], [hidden], **PRIVATE).success(
+        after, [hidden], [note], **PRIVATE).success(show, [*queue_inputs, cursor], view_outputs, **PRIVATE)  # fmt: skip
+    caption_save.click(set_caption, [selected, caption], [hidden], api_name="set_caption").success(
         lambda r: f"caption saved: {r['caption']}" if r else "", [hidden], [note], **PRIVATE)  # fmt: skip
-    replace_btn.click(replace_captions, [character, find, replace, regex], [hidden], api_name="replace_captions").then(
+    replace_btn.click(replace_captions, [character, find, replace, regex], [hidden], api_name="replace_captions").success(
         lambda r: f"{r['changed']} caption(s) changed" if r else "", [hidden], [note], **PRIVATE)  # fmt: skip
     auto.click(auto_caption, [character, overwrite], [hidden], api_name="auto_caption",
-               concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).then(
+               concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).success(
         lambda r: f"{len(r['captioned'])} captioned, {r['kept']} kept, {len(r['failed'])} failed" if r else "",
         [hidden], [note], **PRIVATE)  # fmt: skip
-    suggest.click(suggest_character, [selected], [hidden], api_name="suggest_character").then(
+    suggest.click(suggest_character, [selected], [hidden], api_name="suggest_character").success(
         lambda r: f"looks like: **{r['suggested'] or 'none of the characters'}**" if r else "", [hidden], [note],
         **PRIVATE)  # fmt: skip
-    regen.click(regenerate_rejected, [character], [hidden], api_name="regenerate_rejected").then(
+    regen.click(regenerate_rejected, [character], [hidden], api_name="regenerate_rejected").success(
         lambda r: (f"{len(r['jobs'])} re-render job(s) queued with negative prompt: {r['negative_prompt']}"
                    if r else ""), [hidden], [note], **PRIVATE)  # fmt: skip
     gr.api(dataset_stats, api_name="dataset_stats")

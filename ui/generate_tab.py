@@ -56,6 +56,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                                         info="adds its trigger word, design prompt, negatives and LoRA")  # fmt: skip
                 dataset_review = gr.Checkbox(value=False, label="Queue images for review in its dataset",
                                              elem_id="dataset_review")  # fmt: skip
+                use_character_style = gr.Checkbox(value=False, label="Use its sampler, steps, CFG and size",
+                                                  elem_id="use_character_style")  # fmt: skip
             prompt = gr.Textbox(
                 label="Prompt", lines=3, value="", placeholder="a portrait of ...", elem_id="prompt"
             )
@@ -184,7 +186,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                  control_image: str | None = None, control_preprocessor: str = "none",
                  controlnet_scale: float = 1.0, styles: list[str] | None = None, refiner: str = "",
                  refiner_switch_at: float = 0.8, character: str = "", dataset_review: bool = False,
-                 request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
+                 use_character_style: bool = False, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
         """Generate images: txt2img; img2img when init_image is given; inpaint with mask_image; outpaint
         with outpaint_*; hires fix with enable_hr; variation seeds; VAE; ControlNet; saved styles.
         Prompts use A1111 syntax ((word:1.2), [word], BREAK, <lora:name:weight>, embedding names).
@@ -206,7 +208,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                       vae=vae or "", controlnet=controlnet or "", control_image=control_image or None,
                       control_preprocessor=control_preprocessor or "none", controlnet_scale=float(controlnet_scale),
                       styles=list(styles or []), refiner=refiner or "", refiner_switch_at=float(refiner_switch_at),
-                      character=character or "", dataset_review=bool(dataset_review))  # fmt: skip
+                      character=character or "", dataset_review=bool(dataset_review),
+                      use_character_style=bool(use_character_style))  # fmt: skip
         with engine_errors():
             jid, token = studio.submit_generate(values, owner=username(request))
         yield [], "", jid, token, f"**queued** · job `{jid}`", None
@@ -247,7 +250,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                   hr_second_pass_steps=hr_steps, hr_denoising_strength=hr_denoise, subseed=subseed,
                   subseed_strength=subseed_strength, vae=vae, controlnet=controlnet, control_image=control_image,
                   control_preprocessor=control_pre, controlnet_scale=cn_scale, styles=styles, refiner=refiner,
-                  refiner_switch_at=refiner_switch_at, character=character, dataset_review=dataset_review)  # fmt: skip
+                  refiner_switch_at=refiner_switch_at, character=character, dataset_review=dataset_review,
+                  use_character_style=use_character_style)  # fmt: skip
     # Inputs bound by parameter name, so the API's named parameters and the form cannot drift apart.
     inputs = [fields[name] for name in inspect.signature(generate).parameters if name in fields]
     outputs = [gallery, infotext, job_id, cancel_token, status, preview]
