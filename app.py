@@ -78,6 +78,7 @@ def build_app(studio, settings: Settings):
         library_tab,
         models_tab,
         pnginfo_tab,
+        train_tab,
         variants_tab,
     )
     from ui.common import UIContext
@@ -101,6 +102,8 @@ def build_app(studio, settings: Settings):
                 dataset_tab.build_ingest(ctx)
             with gr.Tab("Review", id="review"):
                 dataset_tab.build_review(ctx)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(ctx)
             with gr.Tab("Models", id="models"):
                 models_tab.build(ctx)
             with gr.Tab("Library", id="library"):

@@ -80,6 +80,7 @@ JOB_KINDS: dict[str, JobKind] = {
     "join_clips": JobKind("engine.variants:run_join_job", "engine.variants:JoinClipsRequest", uses_gpu=False),
     "ingest": JobKind("engine.datasets:run_ingest_job", "engine.datasets:IngestRequest", uses_gpu=False),
     "caption": JobKind("engine.datasets:run_caption_job", "engine.datasets:CaptionRequest", uses_gpu=False),
+    "train_lora": JobKind("engine.train_job:run_train_job", "engine.train_job:TrainJobRequest", resumable=True),
     "reference_sheet": JobKind(
         "engine.reference_sheet:run_reference_sheet_job", "engine.reference_sheet:ReferenceSheetRequest"
     ),
@@ -450,6 +451,20 @@ class JobService:
         if self.executor:
             self.executor.submit(job_id)
         return "queued"
+
+    def resume_interrupted(self) -> list[str]:
+        """Queue again every interrupted job whose kind resumes from a checkpoint (training, downloads)."""
+        kinds = [k for k, v in JOB_KINDS.items() if v.resumable]
+        with self.db.session() as s:
+            ids = list(s.exec(select(Job.id).where(Job.status == "interrupted", Job.kind.in_(kinds))
+                              .order_by(Job.created_at)))  # fmt: skip
+        resumed = []
+        for job_id in ids:
+            if self._transition(job_id, ("interrupted",), status="queued", error=""):
+                resumed.append(job_id)
+                if self.executor:
+                    self.executor.submit(job_id)
+        return resumed
 
     def recover(self) -> dict[str, int]:
         """At start-up: running -> interrupted; queued -> handed to the executor again (oldest first)."""

@@ -81,6 +81,9 @@ class Settings:
         default=False, metadata={"help": "enable model CPU offload on CUDA (saves VRAM, slower)"}
     )
 
+    auto_resume: bool = field(
+        default=False, metadata={"help": "after a crash, resume interrupted training (and downloads) at start-up"}
+    )
     ingest_roots: str = field(
         default="",
         metadata={"help": "server folders (separated by ':') the dataset ingest may scan, e.g. a ComfyUI output "

@@ -68,6 +68,8 @@ class Studio:
         studio = cls(settings, db, jobs, executor, plan.device, plan.dtype)
         if recover:
             log.info("recovered jobs: %s", jobs.recover())
+            if settings.auto_resume:
+                log.info("resumed interrupted jobs: %s", jobs.resume_interrupted())
         if studio.default_model():
             executor.warm(studio.default_model())
         studio.start_cleanup_timer()
@@ -555,6 +557,12 @@ class Studio:
             jobs.append({"item_id": item.id, "job_id": jid})
         return {"jobs": jobs, "skipped": skipped,
                 "negative_prompt": ", ".join(t.term for t in self.characters.effective_negative(c))}  # fmt: skip
+
+    def submit_train_lora(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        """Train a LoRA on a character's approved images (see engine.train_job); checked before a job exists."""
+        from engine.train_job import build_train_request
+
+        return self.jobs.submit("train_lora", build_train_request(self, values), owner=owner)
 
     def submit_reference_sheet(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         """values: character, views, expressions, seed, prompt, source_image (img2img), use_ip_adapter,

@@ -38,7 +38,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from engine.artifacts import TMP_PREFIX, atomic_dir, atomic_write, safetensors_header, save_png
-from engine.errors import InputError, JobCancelledError
+from engine.errors import InputError, JobCancelledError, OutOfMemoryError
 from engine.requests import MAX_SEED, _Request
 
 log = logging.getLogger(__name__)
@@ -59,40 +59,67 @@ SAMPLE_GUIDANCE = 7.0
 SAMPLE_SEED = 1234
 COMPLETE_MARKER = "complete"
 CHECKPOINT_NAME = re.compile(r"^step-(\d{6,})$")
-# Fields that change what is saved or shown, never the weights: a changed value still resumes.
+# Fields that change what is saved or shown, never the weights: a changed value still resumes. model_path is
+# where this machine keeps `model` (a job may move), so the model's name counts, not its path.
 NON_TRAJECTORY_FIELDS = frozenset(
-    {"model", "output_name", "save_precision", "checkpoint_every", "keep_checkpoints", "sample_every",
-     "sample_prompts"}
-)  # fmt: skip
+    {
+        "model_path",
+        "output_name",
+        "save_precision",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "sample_every",
+        "sample_prompts",
+    }
+)
 _TRAINING_LOCK = threading.Lock()  # accelerate's state is a process-wide singleton: one training at a time
 
 
 class TrainLoraRequest(_Request):
     """Train a LoRA on approved dataset images. JSON-serialisable; `build()` validates."""
 
-    model: str = Field(min_length=1, max_length=200, description="Base model: a diffusers folder name or path")
-    model_path: str = Field(default="", max_length=4096,
-                            description="Absolute path of the diffusers folder (filled in by the studio)")  # fmt: skip
+    model: str = Field(
+        min_length=1, max_length=200, description="Base model: a diffusers folder name or path"
+    )
+    model_path: str = Field(
+        default="",
+        max_length=4096,
+        description="Absolute path of the diffusers folder (filled in by the studio)",
+    )
     family: Literal["sd1", "sd2", "sdxl"] = Field(default="sd1", description="Model family of the base model")
-    images: list[dict] = Field(max_length=100000, description='[{"path": ..., "caption": ...}], approved images')
-    output_name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_-]+$",
-                             description="Name of the LoRA (letters, digits, - and _)")  # fmt: skip
+    images: list[dict] = Field(
+        max_length=100000, description='[{"path": ..., "caption": ...}], approved images'
+    )
+    output_name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="Name of the LoRA (letters, digits, - and _)",
+    )
     rank: int = Field(default=16, ge=1, le=256, description="LoRA rank (network dim)")
-    alpha: float = Field(default=16.0, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha/rank")
+    alpha: float = Field(
+        default=16.0, gt=0, le=1024, description="LoRA alpha; the update is scaled by alpha/rank"
+    )
     locon: bool = Field(default=False, description="Also train the convolution layers (LoCon)")
     learning_rate: float = Field(default=1e-4, gt=0, le=10.0, description="UNet learning rate")
     text_encoder_lr: float = Field(default=5e-5, gt=0, le=10.0, description="Text encoder learning rate")
-    train_text_encoder: bool = Field(default=False, description="Also train LoRA layers in the text encoder(s)")
-    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field(default="adamw", description="Optimizer")
-    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"] = Field(
-        default="constant", description="Learning-rate schedule"
+    train_text_encoder: bool = Field(
+        default=False, description="Also train LoRA layers in the text encoder(s)"
+    )
+    optimizer: Literal["adamw", "adamw8bit", "prodigy", "adafactor"] = Field(
+        default="adamw", description="Optimizer"
+    )
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"] = (
+        Field(default="constant", description="Learning-rate schedule")
     )
     lr_warmup_steps: int = Field(default=0, ge=0, le=100000, description="Warm-up steps of the schedule")
     lr_num_cycles: int = Field(default=1, ge=1, le=100, description="Restarts of cosine_with_restarts")
     max_train_steps: int = Field(default=1000, ge=1, le=100000, description="Optimizer steps")
     batch_size: int = Field(default=1, ge=1, le=64, description="Images per micro-batch")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=256, description="Micro-batches per step")
-    resolution: int = Field(default=512, ge=64, le=2048, multiple_of=8, description="Training resolution (side)")
+    resolution: int = Field(
+        default=512, ge=64, le=2048, multiple_of=8, description="Training resolution (side)"
+    )
     bucketing: bool = Field(default=True, description="Aspect-ratio buckets of about resolution^2 pixels")
     repeats: int = Field(default=1, ge=1, le=1000, description="Times each image appears per epoch")
     random_flip: bool = Field(default=False, description="Flip images horizontally at random")
@@ -100,18 +127,29 @@ class TrainLoraRequest(_Request):
     shuffle_captions: bool = Field(default=False, description="Shuffle comma-separated caption tags")
     keep_tokens: int = Field(default=1, ge=0, le=100, description="Leading caption tags kept in place")
     noise_offset: float = Field(default=0.0, ge=0.0, le=1.0, description="Offset noise (0 = off)")
-    min_snr_gamma: float = Field(default=0.0, ge=0.0, le=100.0, description="Min-SNR weighting gamma (0 = off)")
+    min_snr_gamma: float = Field(
+        default=0.0, ge=0.0, le=100.0, description="Min-SNR weighting gamma (0 = off)"
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(default="no", description="Mixed precision")
     gradient_checkpointing: bool = Field(default=False, description="Trade compute for memory")
     cache_latents: bool = Field(default=True, description="Encode every image once before training")
-    save_precision: Literal["fp16", "bf16", "float"] = Field(default="fp16", description="dtype of the saved LoRA")
+    save_precision: Literal["fp16", "bf16", "float"] = Field(
+        default="fp16", description="dtype of the saved LoRA"
+    )
     seed: int = Field(default=42, ge=0, le=MAX_SEED, description="Seed of data order, noise and init")
-    checkpoint_every: int = Field(default=100, ge=0, le=100000, description="Steps between checkpoints (0 = end)")
+    checkpoint_every: int = Field(
+        default=100, ge=0, le=100000, description="Steps between checkpoints (0 = end)"
+    )
     keep_checkpoints: int = Field(default=3, ge=1, le=100, description="Checkpoints kept")
-    sample_every: int = Field(default=0, ge=0, le=100000, description="Steps between sample renders (0 = off)")
-    sample_prompts: list[str] = Field(default_factory=list, max_length=16, description="Prompts of the samples")
-    resume_from: str = Field(default="", max_length=4096,
-                             description="A LoRA .safetensors (PEFT or kohya) to continue training")  # fmt: skip
+    sample_every: int = Field(
+        default=0, ge=0, le=100000, description="Steps between sample renders (0 = off)"
+    )
+    sample_prompts: list[str] = Field(
+        default_factory=list, max_length=16, description="Prompts of the samples"
+    )
+    resume_from: str = Field(
+        default="", max_length=4096, description="A LoRA .safetensors (PEFT or kohya) to continue training"
+    )
 
     @field_validator("images")
     @classmethod
@@ -149,29 +187,63 @@ class TrainLoraRequest(_Request):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "quick": {"rank": 8, "alpha": 8.0, "learning_rate": 2e-4, "max_train_steps": 400, "lr_scheduler": "constant",
-              "checkpoint_every": 100, "cache_latents": True},
-    "balanced": {"rank": 16, "alpha": 16.0, "learning_rate": 1e-4, "max_train_steps": 1200, "lr_scheduler": "cosine",
-                 "lr_warmup_steps": 50, "min_snr_gamma": 5.0, "noise_offset": 0.03, "random_flip": True,
-                 "checkpoint_every": 200},
-    "quality": {"rank": 32, "alpha": 16.0, "learning_rate": 1e-4, "max_train_steps": 3000, "lr_scheduler": "cosine",
-                "lr_warmup_steps": 100, "min_snr_gamma": 5.0, "noise_offset": 0.05, "train_text_encoder": True,
-                "text_encoder_lr": 5e-5, "shuffle_captions": True, "keep_tokens": 1, "gradient_checkpointing": True,
-                "checkpoint_every": 250},
-}  # fmt: skip
+    "quick": {
+        "rank": 8,
+        "alpha": 8.0,
+        "learning_rate": 2e-4,
+        "max_train_steps": 400,
+        "lr_scheduler": "constant",
+        "checkpoint_every": 100,
+        "cache_latents": True,
+    },
+    "balanced": {
+        "rank": 16,
+        "alpha": 16.0,
+        "learning_rate": 1e-4,
+        "max_train_steps": 1200,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 50,
+        "min_snr_gamma": 5.0,
+        "noise_offset": 0.03,
+        "random_flip": True,
+        "checkpoint_every": 200,
+    },
+    "quality": {
+        "rank": 32,
+        "alpha": 16.0,
+        "learning_rate": 1e-4,
+        "max_train_steps": 3000,
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 100,
+        "min_snr_gamma": 5.0,
+        "noise_offset": 0.05,
+        "train_text_encoder": True,
+        "text_encoder_lr": 5e-5,
+        "shuffle_captions": True,
+        "keep_tokens": 1,
+        "gradient_checkpointing": True,
+        "checkpoint_every": 250,
+    },
+}
 
 
 def resolution_problem(family: str, resolution: int, raise_as: type[Exception] = InputError) -> None:
     minimum = FAMILY_MIN_RESOLUTION[family]
     if resolution < minimum:
-        raise raise_as(f"resolution={resolution} is below the {family} minimum of {minimum}; use {minimum} or more")
+        raise raise_as(
+            f"resolution={resolution} is below the {family} minimum of {minimum}; use {minimum} or more"
+        )
 
 
 def check_compatible(req: TrainLoraRequest, device: str) -> None:
     """Refuse a request this device or this installation cannot run, naming the field and the fix."""
     import importlib
 
+    from engine.device import resolve_device
+
     resolution_problem(req.family, req.resolution)
+    if device == "auto" or device.startswith("cuda"):
+        device = resolve_device(device).device  # InputError when that GPU is not there
     if device == "cpu" and req.mixed_precision == "fp16":
         raise InputError("mixed_precision='fp16' is not supported on the CPU; use 'bf16' or 'no'")
     if device.startswith("cuda") and req.mixed_precision == "bf16":
@@ -381,7 +453,8 @@ def _model_path(req: TrainLoraRequest) -> Path:
     path = Path(req.model_path or req.model)
     if not (path / "model_index.json").is_file() or not path.is_absolute():
         raise InputError(
-            f"model_path={req.model_path!r} is not the absolute path of a diffusers folder (model_index.json); "
+            f"model_path={req.model_path!r} is not the absolute path of a diffusers folder "
+            "(with model_index.json); "
             f"the studio fills it in from model={req.model!r}"
         )
     return path
@@ -394,7 +467,9 @@ def load_parts(req: TrainLoraRequest) -> Parts:
 
     path = _model_path(req)
     sdxl = req.family == "sdxl"
-    needed = ["tokenizer", "text_encoder", "vae", "unet", "scheduler"] + (["tokenizer_2", "text_encoder_2"] * sdxl)
+    needed = ["tokenizer", "text_encoder", "vae", "unet", "scheduler"] + (
+        ["tokenizer_2", "text_encoder_2"] * sdxl
+    )
     missing = [name for name in needed if not (path / name).is_dir()]
     if missing:
         raise InputError(f"model {req.model!r} ({req.family}) has no {', '.join(missing)} folder in {path}")
@@ -402,7 +477,9 @@ def load_parts(req: TrainLoraRequest) -> Parts:
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
     if (unet.config.addition_embed_type == "text_time") != sdxl:
         actual = "an SDXL" if not sdxl else "not an SDXL"
-        raise InputError(f"family={req.family!r} but model {req.model!r} is {actual} model; set family to match")
+        raise InputError(
+            f"family={req.family!r} but model {req.model!r} is {actual} model; set family to match"
+        )
     tokenizers = [CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)]
     encoders = [CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)]
     if sdxl:
@@ -434,15 +511,20 @@ def add_lora_adapters(req: TrainLoraRequest, parts: Parts) -> dict[str, Any]:
         torch.manual_seed(_mix(req.seed, "init"))
         for name, model in trained.items():
             targets = req.target_modules if name == "unet" else TEXT_ENCODER_TARGETS
-            model.add_adapter(LoraConfig(r=req.rank, lora_alpha=req.alpha, init_lora_weights="gaussian",
-                                         target_modules=targets))  # fmt: skip
+            model.add_adapter(
+                LoraConfig(
+                    r=req.rank, lora_alpha=req.alpha, init_lora_weights="gaussian", target_modules=targets
+                )
+            )
     return trained
 
 
 def lora_state(model) -> dict:
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu").contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    # save_embedding_layers=False: "auto" would look up the base model's config (possibly on the Hub)
+    state = get_peft_model_state_dict(model, save_embedding_layers=False)
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
 def set_lora_state(model, state: dict, what: str) -> None:
@@ -479,7 +561,9 @@ def _load_own_lora(req: TrainLoraRequest, path: Path, meta: dict, trained: dict[
     from safetensors.torch import load_file
 
     if int(meta["rank"]) != req.rank:
-        raise InputError(f"resume_from {path.name} has rank {meta['rank']}, but rank={req.rank}; use the same rank")
+        raise InputError(
+            f"resume_from {path.name} has rank {meta['rank']}, but rank={req.rank}; use the same rank"
+        )
     factor = (float(meta["lora_alpha"]) / int(meta["rank"])) / (req.alpha / req.rank)
     stem = path.name.removesuffix(".safetensors")
     loaded = []
@@ -510,13 +594,19 @@ def _load_foreign_lora(req: TrainLoraRequest, path: Path, parts: Parts, trained:
             if name == "unet":
                 loader.load_lora_into_unet(state, alphas, model, adapter_name=_RESUME_ADAPTER)
             else:
-                loader.load_lora_into_text_encoder(state, alphas, model, prefix=name, adapter_name=_RESUME_ADAPTER)
+                loader.load_lora_into_text_encoder(
+                    state, alphas, model, prefix=name, adapter_name=_RESUME_ADAPTER
+                )
             _adopt_adapter(model, req, path, name)
             loaded.append(name)
+    except InputError:
+        raise
     except (ValueError, KeyError, RuntimeError) as e:
         raise InputError(f"resume_from {path.name} does not fit model {req.model!r}: {e}") from None
     if not loaded:
-        raise InputError(f"resume_from {path.name} has no LoRA layers for the parts trained here ({', '.join(trained)})")
+        raise InputError(
+            f"resume_from {path.name} has no LoRA layers for the parts trained here ({', '.join(trained)})"
+        )
     return loaded
 
 
@@ -531,12 +621,14 @@ def _adopt_adapter(model, req: TrainLoraRequest, path: Path, part: str) -> None:
             if "default" not in module.lora_A:
                 raise InputError(
                     f"resume_from {path.name} trains {part}.{module_name}, which this run does not "
-                    f"(targets {req.target_modules if part == 'unet' else TEXT_ENCODER_TARGETS}); set locon to match"
+                    f"(targets {req.target_modules if part == 'unet' else TEXT_ENCODER_TARGETS}); "
+                    "set locon to match"
                 )
             src_a, dst_a = module.lora_A[_RESUME_ADAPTER].weight, module.lora_A["default"].weight
             if src_a.shape != dst_a.shape:
                 raise InputError(
-                    f"resume_from {path.name} has rank {src_a.shape[0]} at {part}.{module_name}, but rank={req.rank}"
+                    f"resume_from {path.name} has rank {src_a.shape[0]} at {part}.{module_name}, "
+                    f"but rank={req.rank}"
                 )
             factor = module.scaling[_RESUME_ADAPTER] / module.scaling["default"]
             dst_a.copy_(src_a)
@@ -551,14 +643,21 @@ def _adopt_adapter(model, req: TrainLoraRequest, path: Path, part: str) -> None:
 # --- loss ---------------------------------------------------------------------------------------------
 
 
-def encode_captions(parts: Parts, captions: list[str], device, encoders: list | None = None) -> tuple[Any, Any]:
+def encode_captions(
+    parts: Parts, captions: list[str], device, encoders: list | None = None
+) -> tuple[Any, Any]:
     """(encoder_hidden_states, pooled or None), as the diffusers pipelines encode prompts."""
     import torch
 
     embeds, pooled = [], None
     for tokenizer, encoder in zip(parts.tokenizers, encoders or parts.text_encoders, strict=True):
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(device)  # fmt: skip
+        ids = tokenizer(
+            captions,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(device)
         if parts.family != "sdxl":
             embeds.append(encoder(ids)[0])
             continue
@@ -580,8 +679,9 @@ def diffusion_loss(parts: Parts, req: TrainLoraRequest, latents, embeds, added, 
     b, c = latents.shape[:2]
     noise = torch.randn(latents.shape, generator=gen, device=latents.device, dtype=latents.dtype)
     if req.noise_offset:
-        noise = noise + req.noise_offset * torch.randn((b, c, 1, 1), generator=gen, device=latents.device,
-                                                      dtype=latents.dtype)  # fmt: skip
+        noise = noise + req.noise_offset * torch.randn(
+            (b, c, 1, 1), generator=gen, device=latents.device, dtype=latents.dtype
+        )
     timesteps = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=gen, device=latents.device)
     noisy = sched.add_noise(latents, noise, timesteps)
     if sched.config.prediction_type == "epsilon":
@@ -601,7 +701,9 @@ def diffusion_loss(parts: Parts, req: TrainLoraRequest, latents, embeds, added, 
 class LatentSource:
     """Latents of a micro-batch: from the cache (encoded once before training) or encoded now."""
 
-    def __init__(self, parts: Parts, items: list[ImageItem], device, vae_dtype, seed: int, flips: tuple[bool, ...]):
+    def __init__(
+        self, parts: Parts, items: list[ImageItem], device, vae_dtype, seed: int, flips: tuple[bool, ...]
+    ):
         self.parts, self.items, self.device, self.vae_dtype, self.seed = parts, items, device, vae_dtype, seed
         self.flips = flips
         self.cache: dict[tuple[int, bool], Any] = {}
@@ -643,8 +745,9 @@ def _conditioning(parts: Parts, items: list[ImageItem], samples: list[Sample], d
     return embeds, {"text_embeds": pooled, "time_ids": time_ids}
 
 
-def evaluate_loss(req: TrainLoraRequest, lora: Path | None = None, device: str = "cpu", seed: int = 0,
-                  draws: int = 4) -> float:  # fmt: skip
+def evaluate_loss(
+    req: TrainLoraRequest, lora: Path | None = None, device: str = "cpu", seed: int = 0, draws: int = 4
+) -> float:
     """Mean loss over every image (plain captions, no flip) and `draws` fixed noise/timestep draws, with
     the base model or with a LoRA saved by `train_lora` (its `peft_state`). The same draws every call,
     so two values are comparable: a test of whether training learned."""
@@ -704,7 +807,9 @@ def scan_checkpoints(root: Path, wanted_hash: str) -> list[Checkpoint]:
     for p in sorted(root.iterdir()):
         if not p.is_dir():
             continue
-        if p.name.startswith(TMP_PREFIX) or (CHECKPOINT_NAME.match(p.name) and not (p / COMPLETE_MARKER).is_file()):
+        if p.name.startswith(TMP_PREFIX) or (
+            CHECKPOINT_NAME.match(p.name) and not (p / COMPLETE_MARKER).is_file()
+        ):
             log.warning("removing partial training checkpoint %s", p)
             shutil.rmtree(p, ignore_errors=True)
             continue
@@ -729,8 +834,11 @@ def _rng_state() -> dict:
     import torch
 
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
-             "torch": torch.get_rng_state()}  # fmt: skip
+    state = {
+        "python": random.getstate(),
+        "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -774,8 +882,20 @@ def _make_accelerator(req: TrainLoraRequest, device: str):
     GradientState._reset_state()
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    return Accelerator(mixed_precision=req.mixed_precision, gradient_accumulation_steps=req.gradient_accumulation_steps,
-                       cpu=device == "cpu")  # fmt: skip
+    return Accelerator(
+        mixed_precision=req.mixed_precision,
+        gradient_accumulation_steps=req.gradient_accumulation_steps,
+        cpu=device == "cpu",
+    )
+
+
+def _enable_checkpointing(text_encoder) -> None:
+    # transformers 5.x renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable
+    kwargs = {"use_reentrant": False}
+    if hasattr(text_encoder, "activation_checkpointing_enable"):
+        text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _make_optimizer(req: TrainLoraRequest, groups: list[dict]):
@@ -798,31 +918,67 @@ def _make_optimizer(req: TrainLoraRequest, groups: list[dict]):
 
 def _metadata(req: TrainLoraRequest, part: str, steps: int, fmt: str = "peft") -> dict[str, str]:
     targets = req.target_modules if part == "unet" else TEXT_ENCODER_TARGETS
-    return {"studionova_format": fmt, "target": part, "rank": str(req.rank), "lora_alpha": repr(req.alpha),
-            "target_modules": json.dumps(targets), "family": req.family, "base_model": req.model,
-            "steps": str(steps), "request_hash": request_hash(req), "output_name": req.output_name}  # fmt: skip
+    return {
+        "studionova_format": fmt,
+        "target": part,
+        "rank": str(req.rank),
+        "lora_alpha": repr(req.alpha),
+        "target_modules": json.dumps(targets),
+        "family": req.family,
+        "base_model": req.model,
+        "steps": str(steps),
+        "request_hash": request_hash(req),
+        "output_name": req.output_name,
+    }
 
 
-def train_lora(req: TrainLoraRequest, work_dir: Path, emit: Callable[[dict], None], is_cancelled: Callable[[], bool],
-               device: str = "cpu") -> dict:  # fmt: skip
+def train_lora(
+    req: TrainLoraRequest,
+    work_dir: Path,
+    emit: Callable[[dict], None],
+    is_cancelled: Callable[[], bool],
+    device: str = "cpu",
+) -> dict:
     """Train (or resume) the LoRA described by `req` in `work_dir`; see the module docstring for the layout.
 
     Emits a progress dict every step; on cancel writes a checkpoint and raises JobCancelledError. Returns
     {"steps", "final_loss", "losses", "checkpoint", "peft_state", "peft_state_text_encoders", "samples",
-    "resumed_from_step", "seconds"}."""
+    "resumed_from_step", "epochs", "seconds"}."""
+    if device == "auto":
+        from engine.device import resolve_device
+
+        device = resolve_device("auto").device
     check_compatible(req, device)
     while not _TRAINING_LOCK.acquire(timeout=1.0):
         if is_cancelled():
             raise JobCancelledError("training was cancelled while waiting for another training to finish")
+    from engine.device import free_memory, is_out_of_memory
+
     try:
         return _Run(req, Path(work_dir), emit, is_cancelled, device).run()
+    except RuntimeError as e:
+        if not is_out_of_memory(e):
+            raise
+        # leave the except block first: the exception's frames hold the models, and so the memory
     finally:
         _TRAINING_LOCK.release()
+    free_memory(device)
+    raise OutOfMemoryError(
+        f"out of memory on {device} training at resolution={req.resolution}, batch_size={req.batch_size}: "
+        "lower batch_size or resolution, or turn on gradient_checkpointing, mixed_precision or cache_latents "
+        "(the last checkpoint is kept; the job resumes from it)"
+    )
 
 
 class _Run:
     def __init__(self, req, work_dir: Path, emit, is_cancelled, device: str):
-        self.req, self.work_dir, self.emit, self.is_cancelled, self.device = req, work_dir, emit, is_cancelled, device
+        self.req, self.work_dir, self.emit, self.is_cancelled, self.device = (
+            req,
+            work_dir,
+            emit,
+            is_cancelled,
+            device,
+        )
         self.hash = request_hash(req)
         self.ckpt_root = work_dir / "checkpoints"
         self.started = time.monotonic()
@@ -859,22 +1015,29 @@ class _Run:
             parts.unet.enable_gradient_checkpointing()
             for name in trained:
                 if name != "unet":
-                    trained[name].gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    _enable_checkpointing(trained[name])
         groups = []
         for name, model in trained.items():
             params = [p for p in model.parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": req.learning_rate if name == "unet" else req.text_encoder_lr})
+            groups.append(
+                {"params": params, "lr": req.learning_rate if name == "unet" else req.text_encoder_lr}
+            )
         self.params = [p for g in groups for p in g["params"]]
         optimizer = _make_optimizer(req, groups)
-        scheduler = get_scheduler(req.lr_scheduler, optimizer=optimizer,
-                                  num_warmup_steps=req.lr_warmup_steps * acc.num_processes,
-                                  num_training_steps=req.max_train_steps * acc.num_processes,
-                                  num_cycles=req.lr_num_cycles)  # fmt: skip
+        scheduler = get_scheduler(
+            req.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=req.lr_warmup_steps * acc.num_processes,
+            num_training_steps=req.max_train_steps * acc.num_processes,
+            num_cycles=req.lr_num_cycles,
+        )
         names = list(trained)
         prepared = acc.prepare(*trained.values(), optimizer, scheduler)
         self.trained = dict(zip(names, prepared[: len(names)], strict=True))
         self.optimizer, self.scheduler = prepared[len(names)], prepared[len(names) + 1]
-        self.encoders = [self.trained.get(n, te) for n, te in zip(parts.te_names, parts.text_encoders, strict=True)]
+        self.encoders = [
+            self.trained.get(n, te) for n, te in zip(parts.te_names, parts.text_encoders, strict=True)
+        ]
         for model in self.trained.values():
             model.train()
 
@@ -897,9 +1060,15 @@ class _Run:
                 torch.save(self.accelerator.scaler.state_dict(), tmp / "scaler.pt")
             torch.save(_rng_state(), tmp / "rng.pt")
             epoch, index = self.plan.position(step * self.req.gradient_accumulation_steps)
-            state = {"step": step, "request_hash": self.hash, "epoch": epoch, "batch_in_epoch": index,
-                     "micro_batches_done": step * self.req.gradient_accumulation_steps, "losses": self.losses,
-                     "request": self.req.model_dump()}  # fmt: skip
+            state = {
+                "step": step,
+                "request_hash": self.hash,
+                "epoch": epoch,
+                "batch_in_epoch": index,
+                "micro_batches_done": step * self.req.gradient_accumulation_steps,
+                "losses": self.losses,
+                "request": self.req.model_dump(),
+            }
             (tmp / "state.json").write_text(json.dumps(state), encoding="utf-8")
             _fsync_tree(tmp)
             (tmp / COMPLETE_MARKER).write_text("ok\n", encoding="utf-8")
@@ -942,17 +1111,33 @@ class _Run:
 
         parts, req = self.parts, self.req
         unet = self.raw("unet")
-        encoders = [self.raw(n) if n in self.trained else te for n, te in zip(parts.te_names, parts.text_encoders,
-                                                                               strict=True)]  # fmt: skip
+        encoders = [
+            self.raw(n) if n in self.trained else te
+            for n, te in zip(parts.te_names, parts.text_encoders, strict=True)
+        ]
         scheduler = EulerDiscreteScheduler.from_config(parts.noise_scheduler.config)
         if req.family == "sdxl":
-            pipe = StableDiffusionXLPipeline(vae=parts.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
-                                             tokenizer=parts.tokenizers[0], tokenizer_2=parts.tokenizers[1],
-                                             unet=unet, scheduler=scheduler)  # fmt: skip
+            pipe = StableDiffusionXLPipeline(
+                vae=parts.vae,
+                text_encoder=encoders[0],
+                text_encoder_2=encoders[1],
+                tokenizer=parts.tokenizers[0],
+                tokenizer_2=parts.tokenizers[1],
+                unet=unet,
+                scheduler=scheduler,
+                add_watermarker=False,
+            )
         else:
-            pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=encoders[0], tokenizer=parts.tokenizers[0],
-                                           unet=unet, scheduler=scheduler, safety_checker=None,
-                                           feature_extractor=None, requires_safety_checker=False)  # fmt: skip
+            pipe = StableDiffusionPipeline(
+                vae=parts.vae,
+                text_encoder=encoders[0],
+                tokenizer=parts.tokenizers[0],
+                unet=unet,
+                scheduler=scheduler,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+            )
         pipe.set_progress_bar_config(disable=True)
         paths = []
         models = list(self.trained.values())
@@ -963,8 +1148,16 @@ class _Run:
             with torch.random.fork_rng(devices=cuda), torch.no_grad(), self.accelerator.autocast():
                 for k, prompt in enumerate(req.sample_prompts):
                     gen = torch.Generator(device=self.dev).manual_seed(SAMPLE_SEED + k)
-                    image = pipe(prompt, num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
-                                 height=req.resolution, width=req.resolution, generator=gen).images[0]  # fmt: skip
+                    latents = pipe(
+                        prompt,
+                        num_inference_steps=SAMPLE_STEPS,
+                        guidance_scale=SAMPLE_GUIDANCE,
+                        height=req.resolution,
+                        width=req.resolution,
+                        generator=gen,
+                        output_type="latent",
+                    ).images
+                    image = pipe.image_processor.postprocess(self.decode(latents), output_type="pil")[0]
                     path = self.work_dir / "samples" / f"step-{step:06d}-{k}.png"
                     save_png(image, path, {"parameters": f"{prompt}\nStep: {step}, Seed: {SAMPLE_SEED + k}"})
                     paths.append(str(path))
@@ -974,12 +1167,31 @@ class _Run:
         self.emit({"type": "sample", "step": step, "paths": paths})
         return paths
 
+    def decode(self, latents):
+        """Latents -> image tensor with the VAE in its own dtype and autocast off (SDXL's VAE stays fp32:
+        an fp16 decode overflows)."""
+        import torch
+
+        vae = self.parts.vae
+        cfg = vae.config
+        latents = latents.to(self.vae_dtype)
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            mean = torch.tensor(cfg.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(cfg.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / cfg.scaling_factor + mean
+        else:
+            latents = latents / cfg.scaling_factor + (getattr(cfg, "shift_factor", None) or 0.0)
+        with torch.autocast(device_type=self.dev.type, enabled=False):
+            return vae.decode(latents, return_dict=False)[0]
+
     # final ------------------------------------------------------------------------------------------
     def write_final(self) -> tuple[Path, dict[str, str]]:
         import torch
         from safetensors.torch import save
 
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}[self.req.save_precision]
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}[
+            self.req.save_precision
+        ]
         name = self.req.output_name
         target = self.work_dir / "final"
         with atomic_dir(target) as tmp:
@@ -995,7 +1207,9 @@ class _Run:
     def cancel(self, step: int):
         where = ""
         if step > 0:
-            path = self.save_checkpoint(step) if self.saved_step != step else self.ckpt_root / f"step-{step:06d}"
+            path = (
+                self.save_checkpoint(step) if self.saved_step != step else self.ckpt_root / f"step-{step:06d}"
+            )
             where = f"; checkpoint {path}"
         raise JobCancelledError(f"training cancelled at step {step}/{self.req.max_train_steps}{where}")
 
@@ -1014,6 +1228,8 @@ class _Run:
             self.source = LatentSource(self.parts, self.items, self.dev, self.vae_dtype, req.seed, flips)
             if req.cache_latents:
                 self.source.fill_cache(self._caching_progress(step))
+                if not req.sample_every and self.dev.type != "cpu":
+                    self.parts.vae.to("cpu")  # not needed again: its memory goes to training
         # global RNGs matter only to code that draws from them (dropout); set or restored just before the loop
         if self.rng is not None:
             _set_rng_state(self.rng)
@@ -1029,8 +1245,16 @@ class _Run:
             self.losses.append(loss)
             lr = float(self.scheduler.get_last_lr()[0])
             eta = (time.monotonic() - loop_started) / (step - first) * (n - step)
-            self.emit({"step": step, "total": n, "eta": round(eta, 1), "desc": f"step {step}/{n} loss {loss:.4f}",
-                       "loss": loss, "lr": lr})  # fmt: skip
+            self.emit(
+                {
+                    "step": step,
+                    "total": n,
+                    "eta": round(eta, 1),
+                    "desc": f"step {step}/{n} loss {loss:.4f}",
+                    "loss": loss,
+                    "lr": lr,
+                }
+            )
             if req.checkpoint_every and step % req.checkpoint_every == 0 and step < n:
                 self.save_checkpoint(step)
             if req.sample_every and step % req.sample_every == 0:
@@ -1038,18 +1262,34 @@ class _Run:
         last = self.save_checkpoint(n) if self.saved_step != n else self.ckpt_root / f"step-{n:06d}"
         peft_state, te_states = self.write_final()
         samples_dir = self.work_dir / "samples"
-        all_samples = sorted(str(p) for p in samples_dir.glob("step-*.png")) if samples_dir.is_dir() else samples
-        return {"steps": n, "final_loss": self.losses[-1] if self.losses else float("nan"), "losses": self.losses,
-                "checkpoint": str(last), "peft_state": str(peft_state), "peft_state_text_encoders": te_states,
-                "samples": all_samples, "resumed_from_step": resumed,
-                "seconds": round(time.monotonic() - self.started, 3)}  # fmt: skip
+        all_samples = (
+            sorted(str(p) for p in samples_dir.glob("step-*.png")) if samples_dir.is_dir() else samples
+        )
+        return {
+            "steps": n,
+            "final_loss": self.losses[-1] if self.losses else float("nan"),
+            "losses": self.losses,
+            "checkpoint": str(last),
+            "peft_state": str(peft_state),
+            "peft_state_text_encoders": te_states,
+            "samples": all_samples,
+            "resumed_from_step": resumed,
+            "epochs": math.ceil(n * req.gradient_accumulation_steps / self.plan.batches_per_epoch),
+            "seconds": round(time.monotonic() - self.started, 3),
+        }
 
     def _caching_progress(self, step: int) -> Callable[[int, int], None]:
         def progress(done: int, total: int) -> None:
             if self.is_cancelled():
                 raise JobCancelledError(f"training cancelled while caching latents ({done}/{total})")
-            self.emit({"step": step, "total": self.req.max_train_steps, "eta": None,
-                       "desc": f"caching latents {done + 1}/{total}"})  # fmt: skip
+            self.emit(
+                {
+                    "step": step,
+                    "total": self.req.max_train_steps,
+                    "eta": None,
+                    "desc": f"caching latents {done + 1}/{total}",
+                }
+            )
 
         return progress
 
@@ -1066,8 +1306,9 @@ class _Run:
             with acc.accumulate(*self.trained.values()):
                 latents = self.source.batch(samples, gen)
                 with torch.set_grad_enabled(req.train_text_encoder):
-                    embeds, added = _conditioning(self.parts, self.items, samples, self.dev, self.weight_dtype,
-                                                  self.encoders)  # fmt: skip
+                    embeds, added = _conditioning(
+                        self.parts, self.items, samples, self.dev, self.weight_dtype, self.encoders
+                    )
                 loss = diffusion_loss(self.parts, req, latents, embeds, added, gen, unet=self.trained["unet"])
                 acc.backward(loss)
                 if acc.sync_gradients:

@@ -1,0 +1,200 @@
+"""LoRA training as a durable, resumable job: a character's approved set in, a kohya-format LoRA out.
+
+`build_train_request` turns a character, a base model, a preset and options into a validated
+request (nothing is written when anything is wrong). The runner trains in
+`<data>/training/<job id>/` (checkpoints there, so resuming the same job continues from the last
+complete one), then exports `models/loras/<slug>-v<k>.safetensors` in kohya format (ComfyUI and
+A1111 load it), registers it as the character's next LoRA version and writes a training report
+(config, dataset hash, loss curve, samples).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from engine.errors import InputError
+from engine.requests import _Request
+from engine.training import TrainLoraRequest
+
+EMIT_INTERVAL_S = 0.5  # progress events at most this often (the last step always)
+
+
+class TrainJobRequest(_Request):
+    character_id: str = Field(min_length=1, max_length=32)
+    preset: str = Field(default="", max_length=20)
+    dataset_hash: str = Field(default="", max_length=64)
+    train: TrainLoraRequest
+
+
+def training_family(folder: Path) -> str:
+    """sd1 / sd2 / sdxl from a diffusers folder's configs; refiners and inpainting models are refused."""
+    def config(rel: str) -> dict:
+        p = Path(folder) / rel
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+    cls = config("model_index.json").get("_class_name", "")
+    if config("unet/config.json").get("in_channels") == 9:
+        raise InputError(f"{Path(folder).name} is an inpainting model; train LoRAs on a base model")
+    if "XL" in cls:
+        if (config("model_index.json").get("text_encoder") or [None])[0] is None:
+            raise InputError(f"{Path(folder).name} is an SDXL refiner; train LoRAs on the SDXL base model")
+        return "sdxl"
+    if cls.startswith("StableDiffusion"):
+        return "sd2" if config("text_encoder/config.json").get("hidden_size") == 1024 else "sd1"
+    raise InputError(f"{Path(folder).name}: model family {cls or 'unknown'!r} cannot be trained; allowed: "
+                     "SD1.x, SD2.x and SDXL base diffusers folders")  # fmt: skip
+
+
+def dataset_hash(images: list[dict]) -> str:
+    """What was trained on: the images' content hashes and captions, in order."""
+    h = hashlib.sha256()
+    for image in images:
+        h.update(f"{image.get('sha256', '')}\0{image['caption']}\n".encode())
+    return h.hexdigest()
+
+
+def run_train_job(req: TrainJobRequest, ctx) -> dict:
+    from engine.characters import Characters
+    from engine.training import train_lora
+
+    rt = ctx.runtime
+    settings = rt.settings
+    work = settings.data_dir / "training" / ctx.job_id
+    last = [0.0]
+    losses: list[float] = []
+
+    def emit(event: dict) -> None:
+        if "loss" in event:
+            losses.append(float(event["loss"]))
+        now = time.monotonic()
+        if event.get("step") == event.get("total") or now - last[0] >= EMIT_INTERVAL_S or "step" not in event:
+            last[0] = now
+            ctx.emit({k: v for k, v in event.items() if k != "type"} if "step" in event else event)
+
+    characters = Characters(rt.db, rt.models.roots.models_dir)
+    character = characters.get(req.character_id)
+    rt.models.unload()  # training needs the memory the warm pipelines hold; they reload on the next generation
+    result = train_lora(req.train, work, emit, ctx.is_cancelled, device=ctx.device)
+    ctx.emit({"step": result["steps"], "total": req.train.max_train_steps, "desc": "exporting the LoRA"})
+    return export_trained(req, ctx.job_id, result, characters, character, rt, work)
+
+
+def export_trained(req: TrainJobRequest, job_id: str, result: dict, characters, character, rt, work: Path) -> dict:
+    """The final PEFT weights -> kohya file in models/loras, registered as the character's next version."""
+    from safetensors.torch import load_file
+    from sqlmodel import select
+
+    from engine.artifacts import atomic_write, lora_short_hash, sha256_file
+    from engine.lora_export import kohya_metadata, peft_to_kohya, save_kohya_lora
+    from engine.store import LoraFile, utcnow
+
+    train = req.train
+    unet_state = load_file(result["peft_state"])
+    te_states = {part: load_file(path) for part, path in (result.get("peft_state_text_encoders") or {}).items()}
+    tensors = peft_to_kohya(unet_state, te_states, train.alpha, train.family)
+    folder = rt.models.roots.models_dir / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    with rt.db.session() as s:
+        versions = s.exec(select(LoraFile.version).where(LoraFile.character_id == character.id)).all()
+    version = max(versions, default=0) + 1
+    taken = set(rt.models.roots.list_files("loras"))
+    while f"{character.slug}-v{version}" in taken:
+        version += 1
+    name = f"{character.slug}-v{version}"
+    model_hash = rt.models.model_hash(Path(train.model_path))
+    meta = kohya_metadata(family=train.family, rank=train.rank, alpha=train.alpha, base_model_name=train.model,
+                          base_model_hash=model_hash, resolution=(train.resolution, train.resolution),
+                          steps=result["steps"], epochs=result.get("epochs", 0) or 1,
+                          learning_rate=train.learning_rate, name=name,
+                          extra={"ss_dataset_hash": req.dataset_hash, "ss_num_train_images": str(len(train.images)),
+                                 "studionova_job": job_id, "studionova_character": character.slug})  # fmt: skip
+    target = folder / f"{name}.safetensors"
+    save_kohya_lora(target, tensors, meta)
+    # the PEFT copy for internal use and the report live beside the training run
+    peft_dir = work / "peft"
+    peft_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(result["peft_state"], peft_dir / "unet.safetensors")
+    report = {"job_id": job_id, "character": character.slug, "lora": name, "version": version,
+              "config": train.model_dump(mode="json", exclude={"images"}), "preset": req.preset,
+              "dataset_hash": req.dataset_hash, "images": len(train.images), "losses": result.get("losses", []),
+              "final_loss": result.get("final_loss"), "samples": result.get("samples", []),
+              "resumed_from_step": result.get("resumed_from_step"), "seconds": result.get("seconds")}  # fmt: skip
+    with atomic_write(work / "report.json", "w") as f:
+        f.write(json.dumps(report, indent=1, default=str))
+    samples = []
+    out_dir = rt.outputs_dir / "training" / job_id
+    for i, path in enumerate(result.get("samples") or []):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        dest = out_dir / f"sample-{i:03d}{Path(path).suffix}"
+        shutil.copy2(path, dest)
+        samples.append(str(dest))
+    try:
+        row = LoraFile(name=name, character_id=character.id, version=version, format="kohya",
+                       sha256=sha256_file(target), short_hash=lora_short_hash(target), size=target.stat().st_size,
+                       base_model=train.model[:200], meta={k: v for k, v in meta.items() if len(v) <= 2000},
+                       source="trained")  # fmt: skip
+        with rt.db.session() as s:
+            s.add(row)
+            c = s.get(type(character), character.id)
+            c.active_lora_id, c.revision, c.updated_at = row.id, c.revision + 1, utcnow()
+            s.add(c)
+            s.commit()
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
+    return {"lora": name, "version": version, "file": f"loras/{name}.safetensors", "short_hash": row.short_hash,
+            "steps": result["steps"], "final_loss": result.get("final_loss"), "losses": result.get("losses", []),
+            "samples": samples, "resumed_from_step": result.get("resumed_from_step"),
+            "report": str(work / "report.json"), "seconds": result.get("seconds")}  # fmt: skip
+
+
+def build_train_request(studio, values: dict[str, Any]) -> TrainJobRequest:
+    """Validate everything before a job exists: the character's approved set, the base model and its family,
+    the preset and options, and their combination on this device."""
+    from sqlmodel import col, select
+
+    from engine.datasets import normalise_caption
+    from engine.store import DatasetItem
+    from engine.training import PRESETS, check_compatible
+
+    values = {k: v for k, v in dict(values).items() if v is not None}
+    character = studio.characters.get(values.pop("character", "") or "")
+    preset = values.pop("preset", "") or ""
+    if preset and preset not in PRESETS:
+        raise InputError(f"preset={preset!r}; allowed: {', '.join(PRESETS)}")
+    with studio.db.session() as s:
+        items = list(s.exec(select(DatasetItem).where(DatasetItem.character_id == character.id,
+                                                      DatasetItem.status == "approved")
+                            .order_by(col(DatasetItem.created_at), col(DatasetItem.id))))  # fmt: skip
+    minimum = studio.settings.min_approved_images
+    if not items:
+        raise InputError(f"character {character.slug!r} has no approved images; approve some in the Review tab")
+    if len(items) < minimum:
+        raise InputError(f"character {character.slug!r} has {len(items)} approved images; training needs at least "
+                         f"{minimum} (--min-approved-images)")  # fmt: skip
+    images = [{"path": it.path, "caption": normalise_caption(it.caption, character.trigger_word) or
+               character.trigger_word, "sha256": it.sha256} for it in items]  # fmt: skip
+    style = {k: v["value"] for k, v in studio.characters.effective_style(character).items()}
+    model = values.pop("model", "") or style.get("model") or studio.default_model()
+    models = studio.roots.list_models()
+    path = studio.roots.resolve("diffusers", studio.match_model(model), models)
+    if path.is_file():
+        raise InputError(f"model {model!r} is a single-file checkpoint; training needs a diffusers folder (convert "
+                         "it, or download the diffusers version into models/diffusers)")  # fmt: skip
+    family = training_family(path)
+    train_values = {**PRESETS.get(preset, {}), **values}
+    train_values.update(model=model, model_path=str(path), family=family, output_name=f"{character.slug}-lora",
+                        images=[{"path": i["path"], "caption": i["caption"]} for i in images])  # fmt: skip
+    if "resolution" not in values and family == "sdxl":
+        train_values.setdefault("resolution", 1024)
+    train = TrainLoraRequest.build(**train_values)
+    check_compatible(train, studio.device)
+    return TrainJobRequest.build(character_id=character.id, preset=preset, dataset_hash=dataset_hash(images),
+                                 train=train)  # fmt: skip
