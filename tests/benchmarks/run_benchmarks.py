@@ -1,6 +1,6 @@
 """Benchmarks. Prints tables and writes BENCHMARKS.md.
 
-    .venv/bin/python -m tests.benchmarks.run_benchmarks [--runs 10] [--only generation|gallery]
+    .venv/bin/python -m tests.benchmarks.run_benchmarks [--runs 10] [--only generation|gallery|variants|training]
 
 Generation (issue 2) and the gallery (issue 3) are separate sections of BENCHMARKS.md; `--only`
 re-measures one and keeps the other section as it was.
@@ -129,7 +129,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--only", choices=["generation", "gallery", "variants"], default="")
+    parser.add_argument("--only", choices=["generation", "gallery", "variants", "training"], default="")
     args = parser.parse_args()
     ok = True
     if args.only in ("", "generation"):
@@ -140,12 +140,17 @@ def main() -> int:
         from tests.benchmarks.variants_bench import bench_variants_section
 
         ok &= bench_variants_section(args, write_section, VARIANTS_HEADING, machine())
+    if args.only in ("", "training"):
+        from tests.benchmarks.training_bench import bench_training_section
+
+        ok &= bench_training_section(args, write_section, TRAINING_HEADING, machine())
     return 0 if ok else 1
 
 
 GALLERY_HEADING = "## Gallery (issue 3)"
 VARIANTS_HEADING = "## Variant batches (issue 4)"
-SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING)
+TRAINING_HEADING = "## LoRA training (issue 6)"
+SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING, TRAINING_HEADING)
 # Observed by hand over several runs of the generation section; kept with it when it is rewritten.
 SPREAD_NOTE = """
 ## Run-to-run spread on this machine (hand-written, 2026-11-22)
