@@ -71,6 +71,16 @@ def run_train_job(req: TrainJobRequest, ctx) -> dict:
     losses: list[float] = []
 
     def emit(event: dict) -> None:
+        if event.get("type") == "sample":  # live samples: copied where the UI may show them, never throttled
+            out_dir = rt.outputs_dir / "training" / ctx.job_id / "live"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            paths = []
+            for p in event.get("paths") or []:
+                dest = out_dir / Path(p).name
+                shutil.copy2(p, dest)
+                paths.append(str(dest))
+            ctx.emit({"type": "sample", "step": event.get("step"), "paths": paths})
+            return
         if "loss" in event:
             losses.append(float(event["loss"]))
         now = time.monotonic()

@@ -4,6 +4,7 @@ bad input refused before a job exists, and kill -9 mid-training -> restart -> th
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -132,3 +133,16 @@ def test_kill9_mid_training_then_restart_resumes(models_dir, model_configs, tmp_
         assert not [p for p in (models_dir / "loras").iterdir() if p.name.startswith(".tmp-")]
     finally:
         app.stop()
+
+
+def test_training_streams_samples_the_ui_can_show(studio, low_minimum):
+    c = approved_character(studio, "Sampler Sue")
+    jid, _ = studio.submit_train_lora({"character": c.slug, **TINY, "sample_every": 2, "sample_prompts": ["sue"]})
+    samples = []
+    for event in studio.watch(jid):
+        if event["type"] == "sample":
+            samples.extend(event["paths"])
+        if event["type"] in ("done", "failed", "cancelled", "interrupted"):
+            assert event["type"] == "done", event
+            break
+    assert samples and all(Path(p).is_relative_to(studio.settings.outputs_dir) and Path(p).is_file() for p in samples)

@@ -111,12 +111,16 @@ def build(ctx: UIContext) -> None:
             return
         jid = submitted["job_id"]
         points: list[dict] = []
+        shown: list = []
         yield jid, submitted["cancel_token"], f"**queued** · training `{jid}`", gr.skip(), gr.skip(), None
         for event in studio.watch(jid):
             if event["type"] == "progress" and "loss" in event:
                 points.append({"step": event["step"], "loss": event["loss"]})
                 yield (gr.skip(), gr.skip(), f"**running** · {event.get('desc', '')} · ETA {event.get('eta') or 0:.0f}s",
                        pd.DataFrame(points), gr.skip(), gr.skip())  # fmt: skip
+            elif event["type"] == "sample":
+                shown.extend((p, f"step {event['step']}") for p in event.get("paths") or [])
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), list(shown), gr.skip()
             elif event["type"] == "done":
                 r = event["result"]
                 curve_df = pd.DataFrame({"step": range(1, len(r["losses"]) + 1), "loss": r["losses"]})
