@@ -20,6 +20,7 @@ from tests.factories import save_kohya_lora
 TAG = uuid.uuid4().hex[:6]  # the app is shared by the whole session: names must not collide
 SMALL = dict(steps=2, width=64, height=64)
 ENDPOINTS = {"/save_character", "/list_characters", "/get_character", "/delete_character", "/create_project",
+             "/update_project",
              "/upload_lora", "/attach_lora", "/delete_lora", "/reference_sheet", "/effective_negative",
              "/rejection_terms", "/set_rejection_terms", "/ingest", "/review_queue", "/review", "/undo_review",
              "/set_caption", "/replace_captions", "/auto_caption", "/suggest_character", "/regenerate_rejected",
@@ -92,6 +93,12 @@ def test_a_character_inherits_its_projects_style(client):
     assert style["cfg_scale"] == {"value": 5.0, "source": "character"}
     assert style["clip_skip"]["source"] == "default"
     assert [c["slug"] for c in client.predict(project["slug"], api_name="/list_characters")] == [kid["slug"]]
+    # the project's style changes later: the character inherits the new values it does not override
+    updated = client.predict(project=project["slug"], sampler="DDIM", steps=7, api_name="/update_project")
+    assert updated["style"] == {"sampler": "DDIM", "steps": 7}
+    style = client.predict(kid["slug"], api_name="/get_character")["effective_style"]
+    assert style["steps"]["value"] == 7 and style["sampler"]["value"] == "DDIM" and style["width"]["source"] == "default"
+    assert style["cfg_scale"] == {"value": 5.0, "source": "character"}
 
 
 def test_ingest_review_undo_negatives_and_captions(client, tmp_path):

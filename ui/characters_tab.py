@@ -34,6 +34,7 @@ def build(ctx: UIContext) -> dict:
         project_name = gr.Textbox(label="New project name", value="",
                                   info="its style = the style fields below; characters inherit it")  # fmt: skip
         project_btn = gr.Button("Create project", size="sm")
+        project_save = gr.Button("Save style to the selected project", size="sm")
     with gr.Row():
         with gr.Column(scale=3):
             with gr.Row():
@@ -153,6 +154,19 @@ def build(ctx: UIContext) -> dict:
             p = studio.characters.create_project(name, {k: v for k, v in style.items() if v is not None})
         return {"id": p.id, "slug": p.slug, "name": p.name, "style": p.style}
 
+    def update_project(project: str, name: str | None = None, model: str = "", sampler: str = "",
+                       steps: float | None = None, cfg_scale: float | None = None, width: float | None = None,
+                       height: float | None = None) -> dict:  # fmt: skip
+        """Rename a project or replace its default generation style (empty = the defaults); its characters
+        inherit the new style wherever they do not override it."""
+        style = {"model": model or None, "sampler": sampler or None, "steps": int(steps) if steps else None,
+                 "cfg_scale": float(cfg_scale) if cfg_scale else None, "width": int(width) if width else None,
+                 "height": int(height) if height else None}  # fmt: skip
+        with engine_errors():
+            p = studio.characters.update_project(project or "", name=name or None,
+                                                 style={k: v for k, v in style.items() if v is not None})  # fmt: skip
+        return {"id": p.id, "slug": p.slug, "name": p.name, "style": p.style}
+
     def upload_lora(file: str, name: str = "", character: str = "") -> dict:
         """Upload a LoRA .safetensors: validated (pickles refused), metadata read (ss_*/modelspec), hashed,
         saved in models/loras and attached to the character as its next version (when given)."""
@@ -261,6 +275,8 @@ def build(ctx: UIContext) -> dict:
                       api_name="create_project").success(
         lambda: gr.update(choices=["", *[p.slug for p in studio.characters.projects()]]), None, [project],
         **PRIVATE)  # fmt: skip
+    project_save.click(update_project, [project, project_name, model, sampler, steps, cfg, width, height], [hidden],
+                       api_name="update_project").success(fill, [pick], form, **PRIVATE)  # fmt: skip
     upload.click(upload_lora, [lora_file, lora_name, pick], [hidden], api_name="upload_lora").success(
         fill, [pick], form, **PRIVATE)  # fmt: skip
     attach.click(attach_lora, [existing, pick], [hidden], api_name="attach_lora").success(fill, [pick], form, **PRIVATE)
