@@ -128,6 +128,7 @@ def test_inpaint_with_a_mask_painted_in_the_browser(app, tmp_path):
     stroke becomes the mask, and pixels far from it are the source's."""
     import numpy as np
     from PIL import Image
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import expect
 
     src = tmp_path / "source.png"
@@ -139,16 +140,20 @@ def test_inpaint_with_a_mask_painted_in_the_browser(app, tmp_path):
         set_slider(page, "height", 64)
         page.get_by_text("img2img / inpaint / outpaint").click()
         editor = page.locator("#inpaint_editor")
-        # paint only once the upload has reached the server and the canvas (its events copy the source out);
-        # on a loaded 2-core machine the editor sometimes drops the first upload event, so offer it again
-        for attempt in range(3):
-            editor.locator("input[type=file]").first.set_input_files(str(src))
-            page.wait_for_load_state("networkidle")
+        # Upload as a user does, through the editor's own Upload button. A file set on its hidden input before
+        # the canvas has finished initialising is dropped without a request (seen on a loaded 2-core machine),
+        # while the button opens a file chooser only once the editor listens; so offer it again until the
+        # source reaches the server and comes back as the init image.
+        for attempt in range(4):
             try:
+                with page.expect_file_chooser(timeout=10_000) as chooser:
+                    editor.get_by_role("button", name="Upload", exact=True).click()
+                chooser.value.set_files(str(src))
+                page.wait_for_load_state("networkidle")
                 expect(page.locator("#init_image img")).to_be_visible(timeout=15_000)
                 break
-            except AssertionError:
-                if attempt == 2:
+            except (AssertionError, PlaywrightTimeout):
+                if attempt == 3:
                     raise
         page.wait_for_timeout(1500)
         editor.get_by_role("button", name="Brush", exact=True).click()
