@@ -199,6 +199,29 @@ class ModelManager:
             raise InputError(f"checkpoint {name!r} does not load as {info.family}: {str(e)[:400]}") from None
         return self._finish_load(name, path, mhash, pipe)
 
+    def diffusers_folder(self, path: Path) -> Path:
+        """A single-file checkpoint as a diffusers folder (what training reads), converted once on the CPU in
+        float32 and cached under the checkpoint's hash; a crash mid-save leaves no folder."""
+        import diffusers
+
+        from engine.artifacts import atomic_dir
+        from engine.checkpoints import config_folder, pipeline_class_name
+
+        target = self.cache_dir / "converted" / self.model_hash(path)
+        if (target / "model_index.json").is_file():
+            return target
+        info = self.checkpoint_info(path)
+        folder = config_folder(info, self.configs_dir, self.cache_dir)
+        cls = pipeline_class_name(folder)
+        extra = {"safety_checker": None, "requires_safety_checker": False} if "XL" not in cls else {}
+        log.info("converting checkpoint %s (%s) to a diffusers folder in %s", path.name, info.family, target)
+        pipe = getattr(diffusers, cls).from_single_file(str(path), config=str(folder), local_files_only=True,
+                                                       torch_dtype=None, **extra)  # fmt: skip
+        with atomic_dir(target) as tmp:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        del pipe
+        return target
+
     def _finish_load(self, name: str, path: Path, mhash: str, pipe) -> LoadedModel:
         base_config = dict(pipe.scheduler.config)
         if self.plan.cpu_offload:

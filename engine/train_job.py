@@ -91,7 +91,13 @@ def run_train_job(req: TrainJobRequest, ctx) -> dict:
     characters = Characters(rt.db, rt.models.roots.models_dir)
     character = characters.get(req.character_id)
     rt.models.unload()  # training needs the memory the warm pipelines hold; they reload on the next generation
-    result = train_lora(req.train, work, emit, ctx.is_cancelled, device=ctx.device)
+    train = req.train
+    if Path(train.model_path).is_file():  # a single-file checkpoint: trained from its diffusers conversion
+        ctx.emit({"step": 0, "total": train.max_train_steps, "desc": f"converting {train.model} to diffusers"})
+        folder = rt.models.diffusers_folder(Path(train.model_path))
+        # model_path is outside the resume hash (NON_TRAJECTORY_FIELDS): a converted run resumes as usual
+        train = TrainLoraRequest.build(**{**train.model_dump(), "model_path": str(folder)})
+    result = train_lora(train, work, emit, ctx.is_cancelled, device=ctx.device)
     ctx.emit({"step": result["steps"], "total": req.train.max_train_steps, "desc": "exporting the LoRA"})
     return export_trained(req, ctx.job_id, result, characters, character, rt, work)
 
@@ -165,20 +171,12 @@ def export_trained(req: TrainJobRequest, job_id: str, result: dict, characters, 
             "report": str(work / "report.json"), "seconds": result.get("seconds")}  # fmt: skip
 
 
-def build_train_request(studio, values: dict[str, Any]) -> TrainJobRequest:
-    """Validate everything before a job exists: the character's approved set, the base model and its family,
-    the preset and options, and their combination on this device."""
+def _approved_images(studio, character) -> list[dict]:
     from sqlmodel import col, select
 
     from engine.datasets import normalise_caption
     from engine.store import DatasetItem
-    from engine.training import PRESETS, check_compatible
 
-    values = {k: v for k, v in dict(values).items() if v is not None}
-    character = studio.characters.get(values.pop("character", "") or "")
-    preset = values.pop("preset", "") or ""
-    if preset and preset not in PRESETS:
-        raise InputError(f"preset={preset!r}; allowed: {', '.join(PRESETS)}")
     with studio.db.session() as s:
         items = list(s.exec(select(DatasetItem).where(DatasetItem.character_id == character.id,
                                                       DatasetItem.status == "approved")
@@ -189,22 +187,116 @@ def build_train_request(studio, values: dict[str, Any]) -> TrainJobRequest:
     if len(items) < minimum:
         raise InputError(f"character {character.slug!r} has {len(items)} approved images; training needs at least "
                          f"{minimum} (--min-approved-images)")  # fmt: skip
-    images = [{"path": it.path, "caption": normalise_caption(it.caption, character.trigger_word) or
-               character.trigger_word, "sha256": it.sha256} for it in items]  # fmt: skip
+    return [{"path": it.path, "caption": normalise_caption(it.caption, character.trigger_word) or
+             character.trigger_word, "sha256": it.sha256} for it in items]  # fmt: skip
+
+
+def _parse_concepts(value: Any) -> list[dict]:
+    """[{"character": slug, "repeats": n}], also given as JSON text or "slug:repeats" lines (the form)."""
+    if value in (None, "", []):
+        return []
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InputError(f"concepts is not valid JSON ({e.msg}); give a list of "
+                                 '{"character": slug, "repeats": n} or "slug:repeats" lines') from None  # fmt: skip
+        else:
+            value = []
+            for line in filter(None, (part.strip() for part in text.replace(",", "\n").splitlines())):
+                slug, _, repeats = line.partition(":")
+                value.append({"character": slug.strip(), "repeats": repeats.strip() or 1})
+    if not isinstance(value, list):
+        raise InputError(f"concepts={value!r}; allowed: a list of {{\"character\": slug, \"repeats\": n}}")
+    out = []
+    for n, item in enumerate(value):
+        if not isinstance(item, dict) or not item.get("character"):
+            raise InputError(f"concepts[{n}]={item!r} needs a \"character\" (slug or id)")
+        try:
+            repeats = int(item.get("repeats", 1))
+        except (TypeError, ValueError):
+            raise InputError(f"concepts[{n}] repeats={item.get('repeats')!r} is not a whole number") from None
+        if not 1 <= repeats <= 1000:
+            raise InputError(f"concepts[{n}] repeats={repeats}; allowed: 1 to 1000")
+        out.append({"character": str(item["character"]), "repeats": repeats})
+    return out
+
+
+def regularization_images(studio, folder: str, caption: str) -> list[dict]:
+    """Class images for prior preservation from a server folder inside the allowed ingest roots (a kohya
+    reg folder works as it is): each image's caption is its .txt sidecar, else `caption`."""
+    from engine.ingest import scan_folder
+
+    paths = scan_folder(Path(folder).expanduser(), studio.settings.ingest_root_paths, set())
+    if not paths:
+        raise InputError(f"regularisation folder {folder!r} has no images (.png .jpg .jpeg .webp)")
+    images = []
+    for path in paths:
+        sidecar = path.with_suffix(".txt")
+        text = sidecar.read_text(encoding="utf-8", errors="replace").strip() if sidecar.is_file() else ""
+        if not (text or caption):
+            raise InputError(f"regularisation image {path.name} has no .txt caption; give reg_caption (the class "
+                             "prompt, for example 'woman')")  # fmt: skip
+        images.append({"path": str(path), "caption": text or caption, "reg": True})
+    return images
+
+
+def build_train_request(studio, values: dict[str, Any]) -> TrainJobRequest:
+    """Validate everything before a job exists: the character's approved set (plus any other concepts and
+    regularisation images), the base model and its family, the preset and options, and their combination
+    on this device."""
+    from engine.training import PRESETS, TrainLoraRequest, check_compatible, steps_for_epochs
+
+    values = {k: v for k, v in dict(values).items() if v is not None}
+    character = studio.characters.get(values.pop("character", "") or "")
+    preset = values.pop("preset", "") or ""
+    if preset and preset not in PRESETS:
+        raise InputError(f"preset={preset!r}; allowed: {', '.join(PRESETS)}")
+    concepts = _parse_concepts(values.pop("concepts", None))
+    reg_dir = str(values.pop("reg_dir", "") or "").strip()
+    reg_caption = str(values.pop("reg_caption", "") or "").strip()
+    images = _approved_images(studio, character)
+    seen = {character.id}
+    for concept in concepts:
+        other = studio.characters.get(concept["character"])
+        if other.id in seen:
+            raise InputError(f"concepts: character {other.slug!r} is given twice; each concept once")
+        seen.add(other.id)
+        images += [{**image, "repeats": concept["repeats"]} for image in _approved_images(studio, other)]
+    if reg_dir:
+        images += regularization_images(studio, reg_dir, reg_caption)
+    elif reg_caption:
+        raise InputError("reg_caption is set but reg_dir is empty; give the folder of regularisation images")
     style = {k: v["value"] for k, v in studio.characters.effective_style(character).items()}
     model = values.pop("model", "") or style.get("model") or studio.default_model()
     models = studio.roots.list_models()
-    path = studio.roots.resolve("diffusers", studio.match_model(model), models)
-    if path.is_file():
-        raise InputError(f"model {model!r} is a single-file checkpoint; training needs a diffusers folder (convert "
-                         "it, or download the diffusers version into models/diffusers)")  # fmt: skip
-    family = training_family(path)
+    name = studio.match_model(model)
+    path = studio.roots.resolve("diffusers", name, models)
+    family = training_family(path) if path.is_dir() else checkpoint_training_family(studio, name, path)
     train_values = {**PRESETS.get(preset, {}), **values}
     train_values.update(model=model, model_path=str(path), family=family, output_name=f"{character.slug}-lora",
-                        images=[{"path": i["path"], "caption": i["caption"]} for i in images])  # fmt: skip
+                        images=[{k: v for k, v in i.items() if k != "sha256"} for i in images])  # fmt: skip
     if "resolution" not in values and family == "sdxl":
         train_values.setdefault("resolution", 1024)
     train = TrainLoraRequest.build(**train_values)
+    if train.max_train_epochs:  # epochs decide: the steps that cover them, from the images' real buckets
+        steps = steps_for_epochs(train)
+        train = TrainLoraRequest.build(**{**train.model_dump(), "max_train_steps": steps})
     check_compatible(train, studio.device)
     return TrainJobRequest.build(character_id=character.id, preset=preset, dataset_hash=dataset_hash(images),
                                  train=train)  # fmt: skip
+
+
+def checkpoint_training_family(studio, name: str, path: Path) -> str:
+    """A single-file checkpoint trains too: its family from the checkpoint inspection (the job converts it
+    to a diffusers folder once, cached by the checkpoint's hash)."""
+    from engine.checkpoints import CheckpointInfo, inspect_checkpoint
+
+    info = CheckpointInfo.decode(studio.hashes.cached(path, "family", lambda p: inspect_checkpoint(p).encode()))
+    family = {"v1": "sd1", "v2": "sd2", "xl_base": "sdxl"}.get(info.model_type)
+    if family is None:
+        raise InputError(f"checkpoint {name!r} is {info.family}; LoRAs train on SD1.x, SD2.x and SDXL base "
+                         "checkpoints")  # fmt: skip
+    return family

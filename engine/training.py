@@ -88,7 +88,9 @@ class TrainLoraRequest(_Request):
     )
     family: Literal["sd1", "sd2", "sdxl"] = Field(default="sd1", description="Model family of the base model")
     images: list[dict] = Field(
-        max_length=100000, description='[{"path": ..., "caption": ...}], approved images'
+        max_length=100000,
+        description='[{"path": ..., "caption": ..., "repeats"?: int, "reg"?: bool}]: approved images, each concept '
+        "with its own repeats; reg=True marks a regularisation (class) image",
     )
     output_name: str = Field(
         min_length=1,
@@ -115,13 +117,21 @@ class TrainLoraRequest(_Request):
     lr_warmup_steps: int = Field(default=0, ge=0, le=100000, description="Warm-up steps of the schedule")
     lr_num_cycles: int = Field(default=1, ge=1, le=100, description="Restarts of cosine_with_restarts")
     max_train_steps: int = Field(default=1000, ge=1, le=100000, description="Optimizer steps")
+    max_train_epochs: int = Field(
+        default=0, ge=0, le=10000, description="Epochs to train (0 = max_train_steps decides); see steps_for_epochs"
+    )
     batch_size: int = Field(default=1, ge=1, le=64, description="Images per micro-batch")
     gradient_accumulation_steps: int = Field(default=1, ge=1, le=256, description="Micro-batches per step")
     resolution: int = Field(
         default=512, ge=64, le=2048, multiple_of=8, description="Training resolution (side)"
     )
     bucketing: bool = Field(default=True, description="Aspect-ratio buckets of about resolution^2 pixels")
-    repeats: int = Field(default=1, ge=1, le=1000, description="Times each image appears per epoch")
+    repeats: int = Field(
+        default=1, ge=1, le=1000, description="Times each image appears per epoch (an image's own repeats wins)"
+    )
+    prior_loss_weight: float = Field(
+        default=1.0, ge=0.0, le=10.0, description="Loss weight of regularisation images (kohya's prior_loss_weight)"
+    )
     random_flip: bool = Field(default=False, description="Flip images horizontally at random")
     caption_dropout: float = Field(default=0.0, ge=0.0, le=1.0, description="Chance of an empty caption")
     shuffle_captions: bool = Field(default=False, description="Shuffle comma-separated caption tags")
@@ -161,6 +171,13 @@ class TrainLoraRequest(_Request):
                 raise ValueError(f'image {n} has no "path"; each image is {{"path": str, "caption": str}}')
             if not isinstance(item.get("caption", ""), str):
                 raise ValueError(f"image {n}: caption must be a string")
+            repeats = item.get("repeats", 1)
+            if isinstance(repeats, bool) or not isinstance(repeats, int) or not 1 <= repeats <= 1000:
+                raise ValueError(f"image {n}: repeats={repeats!r}; allowed: an integer from 1 to 1000")
+            if not isinstance(item.get("reg", False), bool):
+                raise ValueError(f"image {n}: reg={item['reg']!r} must be true or false")
+        if all(item.get("reg") for item in v):
+            raise ValueError("every image is a regularisation image; training needs at least one of the concept's")
         return v
 
     @model_validator(mode="after")
@@ -336,13 +353,19 @@ class DataPlan:
     (seed, epoch). Every epoch has the same number of batches, so g -> (epoch, index) needs no history."""
 
     def __init__(self, req: TrainLoraRequest, buckets: list[tuple[int, int]]):
-        self.seed, self.batch_size, self.repeats = req.seed, req.batch_size, req.repeats
+        self.seed, self.batch_size = req.seed, req.batch_size
         self.random_flip = req.random_flip
         self.caption_args = (req.caption_dropout, req.shuffle_captions, req.keep_tokens)
         self.captions = [str(item.get("caption", "")) for item in req.images]
         self.groups: dict[tuple[int, int], list[int]] = {}
-        for index, bucket in enumerate(buckets):
-            self.groups.setdefault(bucket, []).extend([index] * self.repeats)
+        train, reg = [], []
+        for index, item in enumerate(req.images):
+            (reg if item.get("reg") else train).extend([index] * int(item.get("repeats", req.repeats)))
+        # as kohya: regularisation images are cycled (or cut) to as many as the repeated training images
+        reg = [reg[i % len(reg)] for i in range(len(train))] if reg else []
+        for index in train + reg:
+            self.groups.setdefault(buckets[index], []).append(index)
+        self.weights = [req.prior_loss_weight if item.get("reg") else 1.0 for item in req.images]
         self.batches_per_epoch = sum(math.ceil(len(g) / self.batch_size) for g in self.groups.values())
         self._epochs: dict[int, list[list[int]]] = {}
 
@@ -373,6 +396,17 @@ class DataPlan:
             flip = self.random_flip and rng.random() < 0.5
             out.append(Sample(image, flip, augment_caption(self.captions[image], rng, *self.caption_args)))
         return out
+
+    def steps_for(self, epochs: int, accumulation: int) -> int:
+        """Optimizer steps that cover `epochs` whole epochs (kohya's max_train_epochs)."""
+        return max(1, math.ceil(epochs * self.batches_per_epoch / accumulation))
+
+
+def steps_for_epochs(req: TrainLoraRequest) -> int:
+    """max_train_steps for req.max_train_epochs, from the real buckets of its images (which decide the
+    number of batches in an epoch)."""
+    plan = DataPlan(req, [item.bucket for item in prepare_images(req)])
+    return plan.steps_for(req.max_train_epochs, req.gradient_accumulation_steps)
 
 
 # --- images -------------------------------------------------------------------------------------------
@@ -667,9 +701,10 @@ def encode_captions(
     return torch.cat(embeds, dim=-1), pooled
 
 
-def diffusion_loss(parts: Parts, req: TrainLoraRequest, latents, embeds, added, gen, unet=None):
+def diffusion_loss(parts: Parts, req: TrainLoraRequest, latents, embeds, added, gen, unet=None, weights=None):
     """MSE of the UNet's prediction against the epsilon (or v) target at random timesteps; min-SNR
-    weighting when gamma > 0, offset noise when > 0 (diffusers' train_text_to_image_lora.py)."""
+    weighting when gamma > 0, offset noise when > 0 (diffusers' train_text_to_image_lora.py); `weights`
+    (one per sample: regularisation images' prior_loss_weight) scale each sample's loss as kohya does."""
     import torch
     import torch.nn.functional as F
     from diffusers.training_utils import compute_snr
@@ -689,13 +724,18 @@ def diffusion_loss(parts: Parts, req: TrainLoraRequest, latents, embeds, added, 
     else:
         target = sched.get_velocity(latents, noise, timesteps)
     pred = unet(noisy, timesteps, embeds, added_cond_kwargs=added, return_dict=False)[0]
-    if not req.min_snr_gamma:
+    if not req.min_snr_gamma and weights is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
-    snr = compute_snr(sched, timesteps)
-    weights = torch.clamp(snr, max=req.min_snr_gamma)
-    weights = weights / snr if sched.config.prediction_type == "epsilon" else weights / (snr + 1)
     loss = F.mse_loss(pred.float(), target.float(), reduction="none")
-    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+    loss = loss.mean(dim=list(range(1, loss.ndim)))
+    if weights is not None:
+        loss = loss * torch.as_tensor(weights, device=loss.device, dtype=loss.dtype)
+    if req.min_snr_gamma:
+        snr = compute_snr(sched, timesteps)
+        snr_weights = torch.clamp(snr, max=req.min_snr_gamma)
+        snr_weights = snr_weights / snr if sched.config.prediction_type == "epsilon" else snr_weights / (snr + 1)
+        loss = loss * snr_weights
+    return loss.mean()
 
 
 class LatentSource:
@@ -992,6 +1032,7 @@ class _Run:
         req = self.req
         self.items = prepare_images(req)
         self.plan = DataPlan(req, [it.bucket for it in self.items])
+        self.has_reg = any(item.get("reg") for item in req.images)
         parts = self.parts = load_parts(req)
         self.accelerator = acc = _make_accelerator(req, self.device)
         self.dev = acc.device
@@ -1309,7 +1350,10 @@ class _Run:
                     embeds, added = _conditioning(
                         self.parts, self.items, samples, self.dev, self.weight_dtype, self.encoders
                     )
-                loss = diffusion_loss(self.parts, req, latents, embeds, added, gen, unet=self.trained["unet"])
+                weights = [self.plan.weights[s.image] for s in samples] if self.has_reg else None
+                loss = diffusion_loss(
+                    self.parts, req, latents, embeds, added, gen, unet=self.trained["unet"], weights=weights
+                )
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(self.params, MAX_GRAD_NORM)

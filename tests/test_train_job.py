@@ -79,13 +79,49 @@ def test_train_bad_input_is_refused_before_a_job(studio, low_minimum):
         studio.submit_train_lora({"character": c.slug, **TINY, "rank": 0})
     with pytest.raises(InputError, match="refiner"):
         studio.submit_train_lora({"character": c.slug, **TINY, "model": "tiny-sdxl-refiner"})
-    with pytest.raises(InputError, match="single-file"):
-        studio.submit_train_lora({"character": c.slug, **TINY, "model": "demo-single.safetensors"})
+    with pytest.raises(InputError, match="outside the allowed roots"):
+        studio.submit_train_lora({"character": c.slug, **TINY, "reg_dir": "/etc"})
+    with pytest.raises(InputError, match="given twice"):
+        studio.submit_train_lora({"character": c.slug, **TINY, "concepts": f"{c.slug}:2"})
+    with pytest.raises(InputError, match="repeats"):
+        studio.submit_train_lora({"character": c.slug, **TINY, "concepts": [{"character": c.slug, "repeats": 0}]})
+    with pytest.raises(InputError, match="reg_dir is empty"):
+        studio.submit_train_lora({"character": c.slug, **TINY, "reg_caption": "woman"})
     with pytest.raises(InputError, match="512"):
         studio.submit_train_lora({"character": c.slug, **TINY, "model": "tiny-sdxl", "resolution": 256})
     with pytest.raises(NotFoundError):
         studio.submit_train_lora({"character": c.slug, **TINY, "model": "no-such-model"})
     assert len(studio.recent_jobs(1000)) == n
+
+
+def test_concepts_regularisation_epochs_and_a_single_file_base(studio, models_dir, low_minimum):
+    """Another character's approved set joins as a second concept with its own repeats, a kohya-style reg
+    folder (inside the allowed roots) adds class images, epochs decide the steps, and a single-file
+    checkpoint is converted to diffusers once (cached) and trained on."""
+    import json
+
+    main, other = approved_character(studio, "Concept Main"), approved_character(studio, "Concept Other")
+    reg = studio.settings.import_dir / "reg" / "1_woman"
+    reg.mkdir(parents=True)
+    make_image(reg / "r0.png", size=(64, 64), seed=900)
+    make_image(reg / "r1.png", size=(64, 64), seed=901)
+    (reg / "r1.txt").write_text("a woman, studio photo", encoding="utf-8")
+    values = {**TINY, "character": main.slug, "concepts": f"{other.slug}:2", "reg_dir": str(reg.parent),
+              "reg_caption": "woman", "max_train_epochs": 1, "model": "demo-single.safetensors"}  # fmt: skip
+    values.pop("max_train_steps")
+    jid, _ = studio.submit_train_lora(values)
+    res = wait(studio, jid)
+    report = json.loads(Path(res["report"]).read_text())
+    assert report["images"] == 2 + 2 + 2 and report["config"]["max_train_epochs"] == 1
+    # 2 main images x1 + 2 other x2 = 6 training samples, so 6 reg samples: 12 single-image batches = 12 steps
+    assert res["steps"] == 12 == report["config"]["max_train_steps"]
+    items = studio.jobs.require(jid).request["train"]["images"]
+    assert [i.get("repeats", 1) for i in items if not i.get("reg")] == [1, 1, 2, 2]
+    assert sorted(i["caption"] for i in items if i.get("reg")) == ["a woman, studio photo", "woman"]
+    converted = list((studio.settings.cache_dir).rglob("converted/*/model_index.json"))
+    assert len(converted) == 1, "the checkpoint was converted once, into the cache"
+    assert report["config"]["model"] == "demo-single.safetensors"
+    assert (models_dir / "loras" / f"{res['lora']}.safetensors").is_file()
 
 
 @pytest.mark.timeout(600)

@@ -354,6 +354,46 @@ def test_data_order_and_captions_are_a_function_of_seed_and_step(images):
     assert augment_caption(caption, random.Random(3), 1.0, True, 2) == ""
 
 
+def test_concepts_repeats_and_regularisation_images_in_an_epoch(images, demo_model):
+    """Each image's own repeats (a concept's) win over the request's; regularisation images are cycled to as
+    many as the repeated training images (kohya), and their loss is weighted by prior_loss_weight."""
+    import torch
+
+    from engine.training import diffusion_loss, load_parts, steps_for_epochs
+
+    concept = [{**images[0], "repeats": 3}, {**images[1], "repeats": 1}]
+    reg = [{**images[2], "caption": "person", "reg": True}]
+    req = TrainLoraRequest.build(model="m", images=concept + reg, output_name="x", resolution=64, repeats=5)
+    plan = DataPlan(req, [it.bucket for it in prepare_images(req)])
+    per_epoch = sorted(i for b in plan.epoch_batches(0) for i in b)
+    assert per_epoch == [0, 0, 0, 1, 2, 2, 2, 2]  # 3 + 1 training images -> 4 regularisation images
+    assert plan.weights == [1.0, 1.0, 1.0]
+    heavy = req.model_copy(update={"prior_loss_weight": 0.5})
+    assert DataPlan(heavy, [it.bucket for it in prepare_images(heavy)]).weights == [1.0, 1.0, 0.5]
+    # epochs -> steps from the real buckets: 8 single-image batches an epoch, 2 epochs, accumulation 2
+    epochs = req.model_copy(update={"max_train_epochs": 2, "gradient_accumulation_steps": 2})
+    assert steps_for_epochs(epochs) == 8
+    with pytest.raises(InputError, match="repeats=0"):
+        TrainLoraRequest.build(model="m", images=[{**images[0], "repeats": 0}], output_name="x", resolution=64)
+    with pytest.raises(InputError, match="regularisation"):
+        TrainLoraRequest.build(model="m", images=reg, output_name="x", resolution=64)
+    # the weighted loss: a batch of two identical samples weighted (1, w) is (1 + w) / 2 times the plain loss
+    parts = load_parts(request(demo_model, images))
+    latents = torch.randn(1, 4, 8, 8).repeat(2, 1, 1, 1)
+    embeds = torch.randn(1, 77, parts.text_encoders[0].config.hidden_size).repeat(2, 1, 1)
+
+    def loss(weights):
+        return float(diffusion_loss(parts, req, latents, embeds, None, torch.Generator().manual_seed(3), weights=weights))
+
+    with torch.no_grad():
+        plain, weighted = loss(None), loss([1.0, 0.5])
+    # each sample has its own noise and timestep, so compare against the per-sample mean: weights (1, 1) = plain
+    with torch.no_grad():
+        assert loss([1.0, 1.0]) == pytest.approx(plain, rel=1e-5)
+        assert loss([0.0, 0.0]) == 0.0
+    assert weighted < plain
+
+
 def test_out_of_memory_says_what_to_lower(demo_model, images, tmp_path, monkeypatch):
     import torch
 
