@@ -87,7 +87,8 @@ def build_app(studio, settings: Settings):
         gr.Markdown(f"## StudioNOVA · device `{studio.device}` · {studio.dtype}" +
                     (" · **demo model: random weights, images are noise**" if settings.demo else ""))  # fmt: skip
         ctx = UIContext(
-            studio=studio, settings=settings, job_tokens=gr.BrowserState({}, storage_key="studionova_jobs")
+            studio=studio, settings=settings, job_tokens=gr.BrowserState({}, storage_key="studionova_jobs",
+                                                                  secret=settings.browser_state_secret())
         )
         with gr.Tabs() as ctx.tabs:
             with gr.Tab("Generate", id="generate"):

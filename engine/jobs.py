@@ -81,6 +81,9 @@ JOB_KINDS: dict[str, JobKind] = {
     "ingest": JobKind("engine.datasets:run_ingest_job", "engine.datasets:IngestRequest", uses_gpu=False),
     "caption": JobKind("engine.datasets:run_caption_job", "engine.datasets:CaptionRequest", uses_gpu=False),
     "train_lora": JobKind("engine.train_job:run_train_job", "engine.train_job:TrainJobRequest", resumable=True),
+    "train_lora_kohya": JobKind(
+        "engine.kohya_delegate:run_kohya_job", "engine.train_job:TrainJobRequest", resumable=True
+    ),
     "reference_sheet": JobKind(
         "engine.reference_sheet:run_reference_sheet_job", "engine.reference_sheet:ReferenceSheetRequest"
     ),

@@ -129,15 +129,20 @@ def diffusers_to_sgm(module: str) -> str:
                      f"mid_block.*, up_blocks.*, {', '.join(_SGM_TOP)}")  # fmt: skip
 
 
+PART_NAMES = {"text_encoder": "te1", "text_encoder_2": "te2"}
+
+
 def peft_to_kohya(unet_state: Mapping[str, Tensor], text_encoder_states: Mapping[str, Mapping[str, Tensor]],
                   alpha: float, family: str) -> dict[str, Tensor]:  # fmt: skip
     """kohya-format tensors for PEFT LoRA state dicts (get_peft_model_state_dict of the UNet and of each
-    text encoder, keyed "te1"/"te2"). Every module gets `.alpha` = `alpha` (the trained lora_alpha);
+    text encoder, keyed "te1"/"te2" or by component, "text_encoder"/"text_encoder_2"). Every module gets `.alpha` = `alpha` (the trained lora_alpha);
     conv (LoCon) weights keep their 4-D shapes."""
     import torch
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
     spec = _family(family)
+    # the trainer's part names (diffusers component names) mean the same encoders
+    text_encoder_states = {PART_NAMES.get(k, k): v for k, v in text_encoder_states.items()}
     if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not alpha > 0:
         raise InputError(f"alpha {alpha!r} must be a positive number (the trained lora_alpha)")
     unknown = set(text_encoder_states) - set(spec.text_encoders)

@@ -99,6 +99,16 @@ class Settings:
     )  # fmt: skip
     vision_model: str = field(default="llava", metadata={"help": "model name the vision endpoint serves"})
     vision_api_key: str = field(default="", metadata={"help": "API key for the vision endpoint, if it needs one"})
+    kohya_dir: str = field(
+        default="",
+        metadata={"help": "a kohya_ss or sd-scripts checkout; LoRA training with backend 'kohya' runs its "
+                  "train_network.py (sdxl_train_network.py for SDXL) as a job; empty = not configured"},
+    )  # fmt: skip
+    kohya_python: str = field(
+        default="",
+        metadata={"help": "interpreter for sd-scripts (default: <kohya-dir>/venv/bin/python or .venv/bin/python "
+                  "when present, else the one running StudioNOVA)"},
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -155,6 +165,20 @@ class Settings:
     def import_dir(self) -> Path:
         """A folder always open to the dataset ingest's folder scan."""
         return self.data_dir / "import"
+
+    def browser_state_secret(self) -> str:
+        """The key the browser's job-token store is encrypted with: kept in the data dir, so a restarted app
+        still reads what browsers stored before (a fresh random key per launch would lose every token)."""
+        import secrets
+
+        from engine.artifacts import atomic_write
+
+        path = self.data_dir / "browser-state.key"
+        if not path.is_file():
+            with atomic_write(path, "w") as f:
+                f.write(secrets.token_urlsafe(24))
+            path.chmod(0o600)
+        return path.read_text(encoding="utf-8").strip()
 
     @property
     def ingest_root_paths(self) -> list[Path]:

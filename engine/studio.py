@@ -559,10 +559,24 @@ class Studio:
                 "negative_prompt": ", ".join(t.term for t in self.characters.effective_negative(c))}  # fmt: skip
 
     def submit_train_lora(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        """Train a LoRA on a character's approved images (see engine.train_job); checked before a job exists."""
+        """Train a LoRA on a character's approved images (see engine.train_job); checked before a job exists.
+        values["backend"]: "builtin" (default) or "kohya" (a configured sd-scripts; engine.kohya_delegate)."""
+        from engine.kohya_delegate import TRAINING_BACKENDS, build_kohya_request
         from engine.train_job import build_train_request
 
+        values = dict(values)
+        backend = values.pop("backend", None) or "builtin"
+        if backend == "kohya":
+            return self.jobs.submit("train_lora_kohya", build_kohya_request(self, values), owner=owner)
+        if backend != "builtin":
+            raise InputError(f"backend={backend!r}; allowed: {', '.join(TRAINING_BACKENDS)}")
         return self.jobs.submit("train_lora", build_train_request(self, values), owner=owner)
+
+    def interrupted_trainings(self) -> list[dict]:
+        """Training runs a crash or restart interrupted, with the checkpoint step a resume continues from."""
+        from engine.train_job import interrupted_trainings
+
+        return interrupted_trainings(self)
 
     def submit_reference_sheet(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         """values: character, views, expressions, seed, prompt, source_image (img2img), use_ip_adapter,

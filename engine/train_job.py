@@ -105,25 +105,14 @@ def run_train_job(req: TrainJobRequest, ctx) -> dict:
 def export_trained(req: TrainJobRequest, job_id: str, result: dict, characters, character, rt, work: Path) -> dict:
     """The final PEFT weights -> kohya file in models/loras, registered as the character's next version."""
     from safetensors.torch import load_file
-    from sqlmodel import select
 
-    from engine.artifacts import atomic_write, lora_short_hash, sha256_file
-    from engine.lora_export import kohya_metadata, peft_to_kohya, save_kohya_lora
-    from engine.store import LoraFile, utcnow
+    from engine.lora_export import kohya_metadata, peft_to_kohya
 
     train = req.train
     unet_state = load_file(result["peft_state"])
     te_states = {part: load_file(path) for part, path in (result.get("peft_state_text_encoders") or {}).items()}
     tensors = peft_to_kohya(unet_state, te_states, train.alpha, train.family)
-    folder = rt.models.roots.models_dir / "loras"
-    folder.mkdir(parents=True, exist_ok=True)
-    with rt.db.session() as s:
-        versions = s.exec(select(LoraFile.version).where(LoraFile.character_id == character.id)).all()
-    version = max(versions, default=0) + 1
-    taken = set(rt.models.roots.list_files("loras"))
-    while f"{character.slug}-v{version}" in taken:
-        version += 1
-    name = f"{character.slug}-v{version}"
+    name, version = next_lora_version(rt, character)
     model_hash = rt.models.model_hash(Path(train.model_path))
     meta = kohya_metadata(family=train.family, rank=train.rank, alpha=train.alpha, base_model_name=train.model,
                           base_model_hash=model_hash, resolution=(train.resolution, train.resolution),
@@ -131,17 +120,49 @@ def export_trained(req: TrainJobRequest, job_id: str, result: dict, characters, 
                           learning_rate=train.learning_rate, name=name,
                           extra={"ss_dataset_hash": req.dataset_hash, "ss_num_train_images": str(len(train.images)),
                                  "studionova_job": job_id, "studionova_character": character.slug})  # fmt: skip
-    target = folder / f"{name}.safetensors"
-    save_kohya_lora(target, tensors, meta)
     # the PEFT copy for internal use and the report live beside the training run
     peft_dir = work / "peft"
     peft_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(result["peft_state"], peft_dir / "unet.safetensors")
+    return register_lora_version(req, job_id, result, character, rt, work, name, version, tensors, meta)
+
+
+def next_lora_version(rt, character) -> tuple[str, int]:
+    """(`<slug>-v<k>`, k): the character's next LoRA version, skipping names already taken in models/loras."""
+    from sqlmodel import select
+
+    from engine.store import LoraFile
+
+    with rt.db.session() as s:
+        versions = s.exec(select(LoraFile.version).where(LoraFile.character_id == character.id)).all()
+    version = max(versions, default=0) + 1
+    taken = set(rt.models.roots.list_files("loras"))
+    while f"{character.slug}-v{version}" in taken:
+        version += 1
+    return f"{character.slug}-v{version}", version
+
+
+def register_lora_version(req: TrainJobRequest, job_id: str, result: dict, character, rt, work: Path, name: str,
+                          version: int, tensors, meta: dict[str, str], report_extra: dict | None = None) -> dict:  # fmt: skip
+    """Save kohya-format `tensors` with `meta` as models/loras/<name>.safetensors, write `work`/report.json and
+    copy the samples under outputs/, then add the LoraFile row as the character's active LoRA (the file goes
+    again if the row cannot be written). Shared by the built-in trainer and the sd-scripts delegate;
+    `result` carries steps, final_loss, losses, samples, resumed_from_step and seconds."""
+    from engine.artifacts import atomic_write, lora_short_hash, sha256_file
+    from engine.lora_export import save_kohya_lora
+    from engine.store import LoraFile, utcnow
+
+    train = req.train
+    folder = rt.models.roots.models_dir / "loras"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{name}.safetensors"
+    save_kohya_lora(target, tensors, meta)
     report = {"job_id": job_id, "character": character.slug, "lora": name, "version": version,
               "config": train.model_dump(mode="json", exclude={"images"}), "preset": req.preset,
               "dataset_hash": req.dataset_hash, "images": len(train.images), "losses": result.get("losses", []),
               "final_loss": result.get("final_loss"), "samples": result.get("samples", []),
-              "resumed_from_step": result.get("resumed_from_step"), "seconds": result.get("seconds")}  # fmt: skip
+              "resumed_from_step": result.get("resumed_from_step"), "seconds": result.get("seconds"),
+              **(report_extra or {})}  # fmt: skip
     with atomic_write(work / "report.json", "w") as f:
         f.write(json.dumps(report, indent=1, default=str))
     samples = []
@@ -243,10 +264,10 @@ def regularization_images(studio, folder: str, caption: str) -> list[dict]:
     return images
 
 
-def build_train_request(studio, values: dict[str, Any]) -> TrainJobRequest:
+def build_train_request(studio, values: dict[str, Any], own_packages: bool = True) -> TrainJobRequest:
     """Validate everything before a job exists: the character's approved set (plus any other concepts and
     regularisation images), the base model and its family, the preset and options, and their combination
-    on this device."""
+    on this device (own_packages=False: the optimizer's package is another trainer's business)."""
     from engine.training import PRESETS, TrainLoraRequest, check_compatible, steps_for_epochs
 
     values = {k: v for k, v in dict(values).items() if v is not None}
@@ -275,6 +296,10 @@ def build_train_request(studio, values: dict[str, Any]) -> TrainJobRequest:
     name = studio.match_model(model)
     path = studio.roots.resolve("diffusers", name, models)
     family = training_family(path) if path.is_dir() else checkpoint_training_family(studio, name, path)
+    if values.get("resume_from"):  # continue from a LoRA in models/loras, by name (never any server path)
+        loras = studio.roots.list_files("loras")
+        wanted = str(values["resume_from"]).removesuffix(".safetensors")
+        values["resume_from"] = str(studio.roots.resolve("loras", wanted, loras))
     train_values = {**PRESETS.get(preset, {}), **values}
     train_values.update(model=model, model_path=str(path), family=family, output_name=f"{character.slug}-lora",
                         images=[{k: v for k, v in i.items() if k != "sha256"} for i in images])  # fmt: skip
@@ -284,7 +309,7 @@ def build_train_request(studio, values: dict[str, Any]) -> TrainJobRequest:
     if train.max_train_epochs:  # epochs decide: the steps that cover them, from the images' real buckets
         steps = steps_for_epochs(train)
         train = TrainLoraRequest.build(**{**train.model_dump(), "max_train_steps": steps})
-    check_compatible(train, studio.device)
+    check_compatible(train, studio.device, packages=own_packages)
     return TrainJobRequest.build(character_id=character.id, preset=preset, dataset_hash=dataset_hash(images),
                                  train=train)  # fmt: skip
 
@@ -300,3 +325,39 @@ def checkpoint_training_family(studio, name: str, path: Path) -> str:
         raise InputError(f"checkpoint {name!r} is {info.family}; LoRAs train on SD1.x, SD2.x and SDXL base "
                          "checkpoints")  # fmt: skip
     return family
+
+
+TRAINING_KINDS = ("train_lora", "train_lora_kohya")
+
+
+def interrupted_trainings(studio) -> list[dict]:
+    """Training jobs a crash or restart interrupted, newest first, with the step the last complete
+    checkpoint holds (what a resume continues from): what the Train tab offers to resume."""
+    from sqlmodel import col, select
+
+    from engine.store import Character, Job
+    from engine.training import CHECKPOINT_NAME, COMPLETE_MARKER
+
+    with studio.db.session() as s:
+        jobs = list(s.exec(select(Job).where(Job.status == "interrupted", col(Job.kind).in_(TRAINING_KINDS))
+                           .order_by(col(Job.created_at).desc())))  # fmt: skip
+        names = {c.id: c.slug for c in s.exec(select(Character))}
+    out = []
+    for job in jobs:
+        train = (job.request or {}).get("train") or {}
+        work = studio.settings.data_dir / "training" / job.id
+        if job.kind == "train_lora_kohya":  # sd-scripts' --save_state folders
+            from engine.kohya_delegate import KohyaLayout, latest_state
+
+            state = latest_state(KohyaLayout(work / "kohya").output_dir, train.get("output_name", ""),
+                                 int(train.get("max_train_steps") or 0))  # fmt: skip
+            steps = [state[1]] if state else []
+        else:
+            root = work / "checkpoints"
+            steps = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else [])
+                     if (m := CHECKPOINT_NAME.match(p.name)) and (p / COMPLETE_MARKER).is_file()]  # fmt: skip
+        out.append({"job_id": job.id, "kind": job.kind, "owner": job.owner,
+                    "character": names.get((job.request or {}).get("character_id"), "?"),
+                    "checkpoint_step": max(steps, default=0), "total": train.get("max_train_steps"),
+                    "progress_step": (job.progress or {}).get("step"), "interrupted_at": job.finished_at})  # fmt: skip
+    return out

@@ -252,8 +252,9 @@ def resolution_problem(family: str, resolution: int, raise_as: type[Exception] =
         )
 
 
-def check_compatible(req: TrainLoraRequest, device: str) -> None:
-    """Refuse a request this device or this installation cannot run, naming the field and the fix."""
+def check_compatible(req: TrainLoraRequest, device: str, packages: bool = True) -> None:
+    """Refuse a request this device or this installation cannot run, naming the field and the fix.
+    packages=False skips the optimizer-package check (another trainer, with its own environment, runs it)."""
     import importlib
 
     from engine.device import resolve_device
@@ -268,7 +269,7 @@ def check_compatible(req: TrainLoraRequest, device: str) -> None:
 
         if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
             raise InputError(f"mixed_precision='bf16' is not supported by the GPU of {device}; use 'fp16'")
-    if req.optimizer in OPTIMIZER_PACKAGES:
+    if packages and req.optimizer in OPTIMIZER_PACKAGES:
         module, install = OPTIMIZER_PACKAGES[req.optimizer]
         try:
             importlib.import_module(module)

@@ -55,9 +55,13 @@ def test_train_job_exports_a_kohya_lora_as_the_next_version(studio, models_dir, 
     # ready in Generate: the character's generations use it
     img = wait(studio, studio.submit_generate({"prompt": "x", "seed": 1, "character": c.slug, **FAST})[0])
     assert f"trainee-v1: {res['short_hash']}" in img["images"][0]["infotext"]
-    # a second training is version 2
-    res2 = wait(studio, studio.submit_train_lora({"character": c.slug, **TINY, "max_train_steps": 2})[0])
+    # a second training, with the text encoder trained too, is version 2 and has lora_te_ keys
+    res2 = wait(studio, studio.submit_train_lora({"character": c.slug, **TINY, "max_train_steps": 2,
+                                                  "train_text_encoder": True})[0])  # fmt: skip
     assert res2["lora"] == "trainee-v2"
+    _, header2 = safetensors_header(models_dir / "loras" / "trainee-v2.safetensors")
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in header2)
+    assert any(k.startswith("lora_unet_") for k in header2)
     assert Image.open(img["images"][0]["path"]).size == (64, 64)
 
 

@@ -28,3 +28,27 @@ def test_nothing_painted_means_no_mask_and_no_image_means_skip():
     assert source.size == (32, 32) and mask is None
     a, b = editor_to_inputs(None)
     assert type(a).__name__ == type(b).__name__ != "Image"
+
+
+def test_train_form_fields_follow_the_endpoint_parameters():
+    """/train_lora's positional parameters and the form's inputs come from one list, and a preset fills the
+    form with the values the API would use when a field is left out."""
+    import inspect
+
+    from engine.training import PRESETS
+    from ui import train_tab
+
+    source = inspect.getsource(train_tab.build)
+    assert "*(form[name] for name in FORM_FIELDS)" in source
+    # the endpoint's parameters after character, model, preset are FORM_FIELDS, then backend
+    import ast
+
+    tree = ast.parse(inspect.getsource(train_tab))
+    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "train_lora")
+    names = [a.arg for a in fn.args.args]
+    assert names[3:-2] == train_tab.FORM_FIELDS and names[-2:] == ["backend", "request"]
+    quick = train_tab.preset_values("quick")
+    assert quick["rank"] == PRESETS["quick"]["rank"] and quick["max_train_steps"] == PRESETS["quick"]["max_train_steps"]
+    quality = train_tab.preset_values("quality")
+    assert quality["train_text_encoder"] is True and quality["gradient_checkpointing"] is True
+    assert quick["train_text_encoder"] is False and quick["resolution"] == 0

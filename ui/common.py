@@ -38,6 +38,16 @@ def engine_errors() -> Iterator[None]:
         raise gr.Error(str(e), title="Invalid input") from None
 
 
+def remember_token(jid: str, token: str, tokens: dict | None) -> dict:
+    """The browser's job id -> cancel token map (gr.BrowserState), so this browser can cancel or resume its
+    jobs after a reload or a restart; the newest 200 are kept."""
+    tokens = dict(tokens or {})
+    if jid and token:
+        tokens[jid] = token
+        tokens = dict(list(tokens.items())[-200:])
+    return tokens
+
+
 def username(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or "anonymous") if request is not None else "anonymous"
 

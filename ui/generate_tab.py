@@ -13,7 +13,15 @@ import gradio as gr
 
 from engine.requests import GenerateRequest, field_spec
 from engine.samplers import SAMPLER_NAMES
-from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, name_range_errors, username
+from ui.common import (
+    JOBS_CONCURRENCY_ID,
+    PRIVATE,
+    UIContext,
+    engine_errors,
+    name_range_errors,
+    remember_token,
+    username,
+)
 
 
 def _slider(name: str, label: str, step: float = 1, **extra) -> gr.Slider:
@@ -258,7 +266,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
     go.click(generate, inputs, outputs, api_name="generate", concurrency_limit=ctx.settings.max_queue,
                      concurrency_id=JOBS_CONCURRENCY_ID)  # fmt: skip
     if ctx.job_tokens is not None:  # remembered as soon as the job exists, for the Jobs tab's buttons
-        job_id.change(_remember_token, [job_id, cancel_token, ctx.job_tokens], [ctx.job_tokens], **PRIVATE)
+        job_id.change(remember_token, [job_id, cancel_token, ctx.job_tokens], [ctx.job_tokens], **PRIVATE)
 
     def cancel_current(jid: str, token: str, request: gr.Request = None) -> str:
         if not jid:
@@ -369,9 +377,3 @@ def build(ctx: UIContext) -> dict[str, Any]:
     return {**fields, "_editor": editor}
 
 
-def _remember_token(jid: str, token: str, tokens: dict | None) -> dict:
-    tokens = dict(tokens or {})
-    if jid and token:
-        tokens[jid] = token
-        tokens = dict(list(tokens.items())[-200:])
-    return tokens
