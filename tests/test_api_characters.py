@@ -226,3 +226,18 @@ def test_errors_name_what_is_wrong(client):
         client.predict(c["slug"], api_name="/undo_review")
     with pytest.raises(AppError, match="trigger_word=.*must not contain commas"):
         new_character(client, "Fay", trigger_word="two, words")
+
+
+def test_train_lora_options_and_errors_through_the_api(client):
+    """/train_lora takes every Train-tab option by name; the kohya backend without --kohya-dir, an unknown
+    backend and a bad concept are refused with what is wrong and what is allowed, before any job exists."""
+    c = new_character(client, "Trainer Api")
+    with pytest.raises(AppError, match="no approved images"):
+        client.predict(character=c["slug"], max_train_epochs=2, caption_dropout=0.1, keep_tokens=1,
+                       prior_loss_weight=1.0, api_name="/train_lora")  # fmt: skip
+    with pytest.raises(AppError, match="kohya.*--kohya-dir"):
+        client.predict(character=c["slug"], backend="kohya", api_name="/train_lora")
+    with pytest.raises(AppError, match=r"'sd-scripts'.*\['builtin', 'kohya'\]"):
+        client.predict(character=c["slug"], backend="sd-scripts", api_name="/train_lora")
+    with pytest.raises(AppError, match=r"concepts\[0\] repeats=0"):
+        client.predict(character=c["slug"], concepts="someone:0", api_name="/train_lora")
