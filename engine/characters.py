@@ -36,7 +36,7 @@ from engine.store import (
 )
 
 # Generation style keys a project or character may set; defaults come from GenerateRequest.
-STYLE_KEYS = ("model", "sampler", "steps", "cfg_scale", "width", "height", "clip_skip")
+STYLE_KEYS = ("model", "sampler", "steps", "cfg_scale", "width", "height", "clip_skip", "engine")
 
 # Structured rejection reasons (key -> label) and the negative terms each teaches by default.
 REJECTION_REASONS: dict[str, str] = {

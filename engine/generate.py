@@ -349,7 +349,8 @@ def _hires_pass(req, rt, model, first: list, embeds, seeds, callback) -> list:
         return list(pipe(**kwargs).images)
 
 
-def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, index: int) -> GeneratedImage:
+def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, index: int,
+                   extra_chunks: dict[str, str] | None = None) -> GeneratedImage:  # fmt: skip
     rt = ctx.runtime
     lora_hashes = extras["lora_hashes"]
     prompt, negative = apply_styles(req, rt)
@@ -373,6 +374,10 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
         "device": rt.plan.device,
         "dtype": rt.plan.dtype,
     }
+    if extras.get("comfyui"):  # rendered by a ComfyUI server: which one, which prompt, which template
+        comfy = extras["comfyui"]
+        recipe.update(engine="comfyui", device=f"comfyui:{comfy['server']}", dtype="",
+                      comfyui={k: comfy[k] for k in ("server", "prompt_id", "template")})  # fmt: skip
     if extras.get("ip_adapter"):
         recipe["ip_adapter"] = {"name": extras["ip_adapter"], "scale": req.ip_adapter_scale}
     if req.character is not None:  # who it shows, and which LoRA version, as of submission
@@ -382,7 +387,8 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
     n = ctx.extra.get("images_saved", 0)
     ctx.extra["images_saved"] = n + 1
     path = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-{seed}.png"
-    save_png(image, path, {"parameters": infotext, RECIPE_CHUNK: json.dumps(recipe, ensure_ascii=False)})
+    save_png(image, path, {"parameters": infotext, RECIPE_CHUNK: json.dumps(recipe, ensure_ascii=False),
+                           **(extra_chunks or {})})  # fmt: skip
     asset = Asset(kind="image", path=str(path), sha256=sha256_file(path), size=path.stat().st_size,
                   width=image.width, height=image.height, job_id=ctx.job_id)  # fmt: skip
     gen = Generation(asset_id=asset.id, job_id=ctx.job_id, mode=req.mode, model=model.name,
@@ -409,4 +415,8 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
 
 
 def run_generate_job(req: GenerateRequest, ctx: RunContext) -> dict:
+    if req.engine == "comfyui":
+        from engine.comfyui.generate import run_comfy_generate
+
+        return run_comfy_generate(req, ctx).model_dump(mode="json")
     return generate_images(req, ctx).model_dump(mode="json")

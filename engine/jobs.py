@@ -51,6 +51,7 @@ class JobKind:
     request_type: str  # "module:Class"
     uses_gpu: bool = True
     resumable: bool = False
+    queue: str = ""  # its own worker queue (e.g. "comfyui": remote renders); "" = the device's or media's
 
     def load_runner(self) -> Callable[[Any, RunContext], dict]:
         module, _, fn = self.runner.partition(":")
@@ -61,6 +62,7 @@ class JobKind:
         return getattr(importlib.import_module(module), cls).build(**data)
 
 
+COMFY_QUEUE = "comfyui"
 JOB_KINDS: dict[str, JobKind] = {
     "generate": JobKind("engine.generate:run_generate_job", "engine.requests:GenerateRequest"),
     "xyz_plot": JobKind("engine.xyz:run_xyz_job", "engine.xyz:XYZPlotRequest"),
@@ -80,6 +82,9 @@ JOB_KINDS: dict[str, JobKind] = {
     "join_clips": JobKind("engine.variants:run_join_job", "engine.variants:JoinClipsRequest", uses_gpu=False),
     "ingest": JobKind("engine.datasets:run_ingest_job", "engine.datasets:IngestRequest", uses_gpu=False),
     "caption": JobKind("engine.datasets:run_caption_job", "engine.datasets:CaptionRequest", uses_gpu=False),
+    # rendered by ComfyUI servers: its own workers (as many as the pool takes at once), never a local GPU slot
+    "comfy_generate": JobKind("engine.generate:run_generate_job", "engine.requests:GenerateRequest", uses_gpu=False,
+                              queue=COMFY_QUEUE),  # fmt: skip
     "train_lora": JobKind("engine.train_job:run_train_job", "engine.train_job:TrainJobRequest", resumable=True),
     "train_lora_kohya": JobKind(
         "engine.kohya_delegate:run_kohya_job", "engine.train_job:TrainJobRequest", resumable=True
@@ -172,11 +177,13 @@ class InProcessExecutor:
     jobs nor hold them up."""
 
     def __init__(
-        self, service: JobService, devices: list[str], jobs_per_device: int, runtime_factory
-    ) -> None:
+        self, service: JobService, devices: list[str], jobs_per_device: int, runtime_factory,
+        extra_queues: dict[str, int] | None = None,
+    ) -> None:  # fmt: skip
         self.service = service
         self.devices = devices
-        self._queues = {d: queue.Queue() for d in [*devices, MEDIA_QUEUE]}
+        self.extra_queues = {name: n for name, n in (extra_queues or {}).items() if n > 0}
+        self._queues = {d: queue.Queue() for d in [*devices, MEDIA_QUEUE, *self.extra_queues]}
         self._gpu_locks = {d: threading.Lock() for d in devices}
         self._runtime_factory = runtime_factory
         self._runtimes: dict[str, Any] = {}
@@ -196,6 +203,11 @@ class InProcessExecutor:
         t = threading.Thread(target=self._loop, args=(MEDIA_QUEUE,), name="worker-media", daemon=True)
         t.start()
         self._threads.append(t)
+        for name, count in self.extra_queues.items():
+            for i in range(count):
+                t = threading.Thread(target=self._loop, args=(name,), name=f"worker-{name}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
@@ -207,6 +219,13 @@ class InProcessExecutor:
     def submit(self, job_id: str) -> None:
         job = self.service.db.get_job(job_id)
         kind = JOB_KINDS.get(job.kind) if job is not None else None
+        if kind is not None and kind.queue:
+            if kind.queue not in self._queues:
+                self.service._finish(job_id, "failed", error=f"no workers for {job.kind} jobs (is it configured?)",
+                                     error_type="InputError")  # fmt: skip
+                return
+            self._queues[kind.queue].put(job_id)
+            return
         self._queues[MEDIA_QUEUE if kind is not None and not kind.uses_gpu else self.devices[0]].put(job_id)
 
     def warm(self, model: str) -> None:
@@ -218,7 +237,7 @@ class InProcessExecutor:
         return {d: self._queues[d].qsize() for d in self.devices}
 
     def runtime(self, device: str):
-        if device == MEDIA_QUEUE:  # media jobs use the runtime's database and folders, never its models
+        if device == MEDIA_QUEUE or device in self.extra_queues:  # the runtime's database and folders only
             device = self.devices[0]
         with self._runtime_lock:
             if device not in self._runtimes:
@@ -358,6 +377,8 @@ class JobService:
             request = kind.parse_request(job.request)
             runtime = executor.runtime(device)
             ctx = RunContext(job.id, device, emit, is_cancelled, runtime, attempt=job.attempt)
+            if kind.queue:  # a remote-render job that may fall back to the local GPU takes its lock then
+                ctx.extra["gpu_lock"] = executor.gpu_lock(executor.devices[0])
             result = kind.load_runner()(request, ctx) or {}
         except JobCancelledError:
             status = "cancelled"

@@ -117,6 +117,12 @@ class GenerateRequest(_Request):
         default=1, ge=1, le=12, description="A1111 numbering: 1 = last CLIP layer, 2 = skip one"
     )
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16, description="LoRAs with weights")
+    engine: Literal["local", "comfyui"] = Field(
+        default="local", description="Who renders: local diffusers, or the ComfyUI server pool (--comfyui-urls)"
+    )
+    comfy_template: str = Field(
+        default="", max_length=100, description="ComfyUI workflow template (workflows/); empty = by mode"
+    )
     init_image: str | None = Field(
         default=None, description="img2img source image path (server-side, uploaded)"
     )

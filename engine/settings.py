@@ -99,6 +99,18 @@ class Settings:
     )  # fmt: skip
     vision_model: str = field(default="llava", metadata={"help": "model name the vision endpoint serves"})
     vision_api_key: str = field(default="", metadata={"help": "API key for the vision endpoint, if it needs one"})
+    comfyui_urls: str = field(
+        default="",
+        metadata={"help": "ComfyUI servers for engine 'comfyui' (comma-separated; several form a pool; "
+                  "https://user:pw@host:8188 for basic auth, http://host:8188#token=XYZ for a bearer token)"},
+    )  # fmt: skip
+    comfyui_max_inflight: int = field(
+        default=1, metadata={"help": "jobs each ComfyUI server runs at once (the pool queues the rest)"}
+    )
+    comfyui_fallback_local: bool = field(
+        default=False,
+        metadata={"help": "when no ComfyUI server is healthy, render a 'comfyui' generation with local diffusers"},
+    )
     kohya_dir: str = field(
         default="",
         metadata={"help": "a kohya_ss or sd-scripts checkout; LoRA training with backend 'kohya' runs its "
@@ -133,6 +145,8 @@ class Settings:
             raise InputError(f"daily_gpu_minutes={self.daily_gpu_minutes!r} must be 0 (no budget) or more")
         if self.jobs_per_device < 1:
             raise InputError(f"jobs_per_device={self.jobs_per_device!r} must be at least 1")
+        if int(self.comfyui_max_inflight) < 1:
+            raise InputError(f"comfyui_max_inflight={self.comfyui_max_inflight!r} must be at least 1")
         if int(self.min_approved_images) < 1:
             raise InputError(f"min_approved_images={self.min_approved_images!r} must be at least 1")
         if self.auth:

@@ -62,7 +62,12 @@ class Studio:
                                         settings.data_dir / "styles.csv", settings.model_configs_path,
                                         settings.cache_dir, settings)  # fmt: skip
 
-        executor = InProcessExecutor(jobs, [plan.device], settings.jobs_per_device, runtime_factory)
+        from engine.comfyui.pool import parse_server_spec
+        from engine.jobs import COMFY_QUEUE
+
+        comfy_workers = len(parse_server_spec(settings.comfyui_urls)) * int(settings.comfyui_max_inflight)
+        executor = InProcessExecutor(jobs, [plan.device], settings.jobs_per_device, runtime_factory,
+                                     extra_queues={COMFY_QUEUE: comfy_workers})  # fmt: skip
         jobs.attach(executor)
         executor.start()
         studio = cls(settings, db, jobs, executor, plan.device, plan.dtype)
@@ -146,7 +151,13 @@ class Studio:
         self._apply_character(values)
         if values.get("seed") is None or int(values["seed"]) == -1:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
-        values["model"] = self.match_model(values.get("model") or "") or self.default_model()
+        comfy = values.get("engine") == "comfyui"
+        if comfy:  # a checkpoint on the ComfyUI server, checked against its /object_info when the job runs
+            if not str(values.get("model") or "").strip():
+                raise InputError("engine='comfyui' needs model= a checkpoint name as the server lists it "
+                                 "(the Generate tab's ComfyUI refresh shows them)")  # fmt: skip
+        else:
+            values["model"] = self.match_model(values.get("model") or "") or self.default_model()
         if values.get("subseed") is None or int(values["subseed"]) == -1:
             values["subseed"] = secrets.randbelow(MAX_SEED + 1)
         for key in ("init_image", "mask_image", "control_image", "ip_adapter_image"):
@@ -159,6 +170,14 @@ class Studio:
             merged.update(tags)
             values["loras"] = [{"name": n, "weight": w} for n, w in merged.items()]
         req = GenerateRequest.build(**values)
+        if comfy:
+            from engine.comfyui.generate import check_comfy_request
+
+            check_comfy_request(req, self.settings, self.settings.data_dir)
+            styles = self.styles()
+            for name in req.styles:
+                styles.get(name)
+            return req
         models = self.roots.list_models()
         self.roots.resolve("diffusers", req.model, models)  # unknown model -> NotFoundError now, not later
         loras = self.roots.list_files("loras")
@@ -372,6 +391,8 @@ class Studio:
             values.update({k: v for k, v in style.items() if k in STYLE_KEYS and v not in (None, "")})
         elif not values.get("model") and style.get("model"):
             values["model"] = style["model"]
+        if not values.get("engine") and style.get("engine"):  # who renders: the character's or project's default
+            values["engine"] = style["engine"]
         snap = self.characters.snapshot(character.id, lora_pin)
         values["character"] = snap.model_dump(mode="json")
         if character.style_preset:
@@ -572,6 +593,27 @@ class Studio:
             raise InputError(f"backend={backend!r}; allowed: {', '.join(TRAINING_BACKENDS)}")
         return self.jobs.submit("train_lora", build_train_request(self, values), owner=owner)
 
+    # --- ComfyUI engine ---------------------------------------------------------------------------
+    def comfy_template_names(self) -> list[str]:
+        from engine.comfyui.generate import templates
+
+        return sorted(templates(self.settings.data_dir))
+
+    def comfy_models(self) -> dict[str, list[str]]:
+        """Checkpoints, LoRAs and upscale models the ComfyUI pool's servers have (from /object_info)."""
+        from engine.comfyui.generate import pool_for
+        from engine.comfyui.pool import server_models
+
+        if not self.settings.comfyui_urls.strip():
+            raise InputError("no ComfyUI server is configured; start with --comfyui-urls http://127.0.0.1:8188")
+        return server_models(pool_for(self.settings).object_info())
+
+    def comfy_servers(self) -> list[dict]:
+        """Each configured ComfyUI server: healthy, jobs in flight, limit, last error."""
+        from engine.comfyui.generate import pool_for
+
+        return pool_for(self.settings).status() if self.settings.comfyui_urls.strip() else []
+
     def interrupted_trainings(self) -> list[dict]:
         """Training runs a crash or restart interrupted, with the checkpoint step a resume continues from."""
         from engine.train_job import interrupted_trainings
@@ -703,7 +745,8 @@ class Studio:
         return str(path)
 
     def submit_generate(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        return self.jobs.submit("generate", self.build_generate_request(values), owner=owner)
+        req = self.build_generate_request(values)
+        return self.jobs.submit("comfy_generate" if req.engine == "comfyui" else "generate", req, owner=owner)
 
     def watch(self, job_id: str) -> Iterator[dict]:
         return self.jobs.watch(job_id)

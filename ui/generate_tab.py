@@ -78,6 +78,13 @@ def build(ctx: UIContext) -> dict[str, Any]:
                                       label="Sampler")  # fmt: skip
                 refresh = gr.Button("Refresh lists", size="sm")
             with gr.Row():
+                engine = gr.Radio([("local (diffusers)", "local"), ("ComfyUI", "comfyui")], value="local",
+                                  label="Engine", elem_id="engine",
+                                  info="ComfyUI: the --comfyui-urls pool renders; the model list becomes the server's")  # fmt: skip
+                comfy_template = gr.Dropdown(["", *studio.comfy_template_names()], value="", allow_custom_value=True,
+                                             label="ComfyUI workflow", elem_id="comfy_template",
+                                             info="empty = by mode (txt2img, img2img, inpaint)")  # fmt: skip
+            with gr.Row():
                 steps = _slider("steps", "Steps")
                 cfg = _slider("cfg_scale", "CFG scale", step=0.5)
             with gr.Row():
@@ -194,7 +201,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                  control_image: str | None = None, control_preprocessor: str = "none",
                  controlnet_scale: float = 1.0, styles: list[str] | None = None, refiner: str = "",
                  refiner_switch_at: float = 0.8, character: str = "", dataset_review: bool = False,
-                 use_character_style: bool = False, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
+                 use_character_style: bool = False, engine: str = "local", comfy_template: str = "",
+                 request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
         """Generate images: txt2img; img2img when init_image is given; inpaint with mask_image; outpaint
         with outpaint_*; hires fix with enable_hr; variation seeds; VAE; ControlNet; saved styles.
         Prompts use A1111 syntax ((word:1.2), [word], BREAK, <lora:name:weight>, embedding names).
@@ -217,7 +225,8 @@ def build(ctx: UIContext) -> dict[str, Any]:
                       control_preprocessor=control_preprocessor or "none", controlnet_scale=float(controlnet_scale),
                       styles=list(styles or []), refiner=refiner or "", refiner_switch_at=float(refiner_switch_at),
                       character=character or "", dataset_review=bool(dataset_review),
-                      use_character_style=bool(use_character_style))  # fmt: skip
+                      use_character_style=bool(use_character_style), engine=engine or "local",
+                      comfy_template=comfy_template or "")  # fmt: skip
         with engine_errors():
             jid, token = studio.submit_generate(values, owner=username(request))
         yield [], "", jid, token, f"**queued** · job `{jid}`", None
@@ -259,7 +268,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
                   subseed_strength=subseed_strength, vae=vae, controlnet=controlnet, control_image=control_image,
                   control_preprocessor=control_pre, controlnet_scale=cn_scale, styles=styles, refiner=refiner,
                   refiner_switch_at=refiner_switch_at, character=character, dataset_review=dataset_review,
-                  use_character_style=use_character_style)  # fmt: skip
+                  use_character_style=use_character_style, engine=engine, comfy_template=comfy_template)  # fmt: skip
     # Inputs bound by parameter name, so the API's named parameters and the form cannot drift apart.
     inputs = [fields[name] for name in inspect.signature(generate).parameters if name in fields]
     outputs = [gallery, infotext, job_id, cancel_token, status, preview]
@@ -284,6 +293,30 @@ def build(ctx: UIContext) -> dict[str, Any]:
     refresh.click(
         refresh_lists, None, [model, refiner, lora_pick, vae, controlnet, hr_upscaler, styles], **PRIVATE
     )
+    def engine_lists(which: str):
+        """The model and LoRA lists of the engine that will render: local files, or the ComfyUI server's."""
+        if which == "comfyui":
+            with engine_errors():
+                found = studio.comfy_models()
+            return (gr.update(choices=found["checkpoints"], value=(found["checkpoints"] or [""])[0]),
+                    gr.update(choices=[n.removesuffix(".safetensors") for n in found["loras"]]))  # fmt: skip
+        return (gr.update(choices=studio.model_choices(), value=studio.default_model()),
+                gr.update(choices=studio.lora_names()))  # fmt: skip
+
+    engine.input(engine_lists, [engine], [model, lora_pick], **PRIVATE)
+
+    def comfy_servers() -> list[dict]:
+        """The configured ComfyUI servers: url (no credentials), healthy, in_flight, limit, last_error."""
+        with engine_errors():
+            return studio.comfy_servers()
+
+    def comfy_models() -> dict:
+        """What the ComfyUI pool's servers have: {"checkpoints", "loras", "upscale_models"} (/object_info)."""
+        with engine_errors():
+            return studio.comfy_models()
+
+    gr.api(comfy_servers, api_name="comfy_servers")
+    gr.api(comfy_models, api_name="comfy_models")
     editor.change(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)
     editor.upload(editor_to_inputs, [editor], [init_image, mask_image], **PRIVATE)  # source shows at once
 

@@ -1,6 +1,6 @@
 """Benchmarks. Prints tables and writes BENCHMARKS.md.
 
-    .venv/bin/python -m tests.benchmarks.run_benchmarks [--runs 10] [--only generation|gallery|variants|training]
+    .venv/bin/python -m tests.benchmarks.run_benchmarks [--runs 10] [--only generation|gallery|variants|training|comfyui]
 
 Generation (issue 2) and the gallery (issue 3) are separate sections of BENCHMARKS.md; `--only`
 re-measures one and keeps the other section as it was.
@@ -129,7 +129,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
-    parser.add_argument("--only", choices=["generation", "gallery", "variants", "training"], default="")
+    parser.add_argument(
+        "--only", choices=["generation", "gallery", "variants", "training", "comfyui"], default=""
+    )
     args = parser.parse_args()
     ok = True
     if args.only in ("", "generation"):
@@ -144,13 +146,18 @@ def main() -> int:
         from tests.benchmarks.training_bench import bench_training_section
 
         ok &= bench_training_section(args, write_section, TRAINING_HEADING, machine())
+    if args.only in ("", "comfyui"):
+        from tests.benchmarks.comfy_bench import bench_comfy_section
+
+        ok &= bench_comfy_section(args, write_section, COMFY_HEADING, machine())
     return 0 if ok else 1
 
 
 GALLERY_HEADING = "## Gallery (issue 3)"
 VARIANTS_HEADING = "## Variant batches (issue 4)"
 TRAINING_HEADING = "## LoRA training (issue 6)"
-SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING, TRAINING_HEADING)
+COMFY_HEADING = "## ComfyUI client (issue 7)"
+SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING, TRAINING_HEADING, COMFY_HEADING)
 # Observed by hand over several runs of the generation section; kept with it when it is rewritten.
 SPREAD_NOTE = """
 ## Run-to-run spread on this machine (hand-written, 2026-11-22)

@@ -1,0 +1,130 @@
+"""Generation with engine='comfyui' against stub ComfyUI servers that speak the real protocol: the studio binds
+a workflow template, the pool renders, and the images land in the library like local ones (infotext, recipe,
+Asset and Generation rows) with the workflow as ComfyUI's own `prompt` chunk."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from engine.errors import InputError
+from tests.comfy_stub import ComfyStub
+from tests.test_characters import wait
+
+
+@pytest.fixture
+def stubs():
+    servers = [ComfyStub(render_delay=0.3, steps=4).start(), ComfyStub(render_delay=0.3, steps=4).start()]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def comfy_studio(stubs, models_dir, model_configs, tmp_path):
+    from engine.settings import Settings
+    from engine.studio import Studio
+
+    settings = Settings(data_dir=tmp_path / "data", models_dir=models_dir, demo=True, device="cpu",
+                        model_configs=str(model_configs), comfyui_urls=",".join(s.url for s in stubs))  # fmt: skip
+    st = Studio.start(settings)
+    yield st
+    st.close()
+
+
+BASE = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "engine": "comfyui",
+        "model": "sd15_tiny.safetensors", "steps": 4, "width": 64, "height": 64, "seed": 1234}  # fmt: skip
+
+
+def test_a_comfyui_generation_lands_in_the_library_with_its_workflow(comfy_studio, stubs):
+    jid, _ = comfy_studio.submit_generate({**BASE, "batch_count": 2, "sampler": "DPM++ 2M Karras"})
+    events = list(comfy_studio.watch(jid))
+    assert any(e["type"] == "progress" and e.get("desc", "").startswith("ComfyUI step") for e in events)
+    result = next(e for e in events if e["type"] == "done")["result"]
+    assert len(result["images"]) == 2 and result["device"].startswith("comfyui:http://127.0.0.1:")
+    first = result["images"][0]
+    png = Image.open(first["path"])
+    graph = json.loads(png.text["prompt"])  # ComfyUI opens it: its own API-format graph
+    sampler = next(n for n in graph.values() if n["class_type"] == "KSampler")["inputs"]
+    assert (sampler["sampler_name"], sampler["scheduler"], sampler["seed"]) == ("dpmpp_2m", "karras", 1234)
+    assert "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras" in png.text["parameters"]
+    assert "Seed: 1234" in png.text["parameters"] and "Model: sd15_tiny" in png.text["parameters"]
+    recipe = json.loads(png.text["studionova"])
+    assert recipe["engine"] == "comfyui" and recipe["comfyui"]["template"] == "txt2img"
+    assert recipe["comfyui"]["server"] in {s.url for s in stubs}
+    # the second batch is seed + batch_size, as A1111 numbers them
+    assert result["images"][1]["seed"] == 1235
+    from sqlmodel import select
+
+    from engine.store import Generation
+
+    with comfy_studio.db.session() as s:
+        rows = list(s.exec(select(Generation).where(Generation.job_id == jid)))
+    assert len(rows) == 2 and {r.model for r in rows} == {"sd15_tiny.safetensors"}
+    # the generation is a comfy job, not on the local GPU queue
+    assert comfy_studio.job_status(jid)["kind"] == "comfy_generate"
+
+
+def test_loras_are_spliced_and_a_batch_spreads_over_the_pool(comfy_studio, stubs):
+    jobs = [comfy_studio.submit_generate({**BASE, "seed": 10 + i, "loras": "style_b:0.7"})[0] for i in range(4)]
+    for jid in jobs:
+        wait(comfy_studio, jid)
+    assert all(stub.submitted for stub in stubs), "both servers of the pool rendered"
+    graph = stubs[0].submitted[0]["prompt"]
+    lora = next(n for n in graph.values() if n["class_type"] == "LoraLoader")["inputs"]
+    assert lora["lora_name"] == "style_b.safetensors" and lora["strength_model"] == 0.7
+
+
+def test_bad_comfyui_requests_are_refused_before_a_job(comfy_studio, studio):
+    n = len(comfy_studio.recent_jobs(1000))
+    with pytest.raises(InputError, match="does not support enable_hr"):
+        comfy_studio.submit_generate({**BASE, "enable_hr": True})
+    with pytest.raises(InputError, match="needs model="):
+        comfy_studio.submit_generate({**BASE, "model": ""})
+    with pytest.raises(InputError, match="comfy_template='nope' is not a workflow template"):
+        comfy_studio.submit_generate({**BASE, "comfy_template": "nope"})
+    assert len(comfy_studio.recent_jobs(1000)) == n
+    with pytest.raises(InputError, match="--comfyui-urls"):  # the shared studio has no servers configured
+        studio.submit_generate({**BASE})
+
+
+def test_server_errors_reach_the_job_verbatim(comfy_studio, stubs):
+    jid, _ = comfy_studio.submit_generate({**BASE, "model": "not_on_server.safetensors"})
+    status = None
+    for event in comfy_studio.watch(jid):
+        if event["type"] in ("failed", "done"):
+            status = event
+    assert status["type"] == "failed" and "not_on_server.safetensors" in status["error"]
+    assert "sd15_tiny.safetensors" in status["error"]  # what the server does have
+    for stub in stubs:
+        stub.fail_class = "KSampler"
+    jid, _ = comfy_studio.submit_generate({**BASE})
+    failed = [e for e in comfy_studio.watch(jid) if e["type"] == "failed"]
+    assert failed and "KSampler" in failed[0]["error"]
+
+
+def test_comfyui_through_gradio_client(stubs, models_dir, model_configs, tmp_path):
+    """The app with --comfyui-urls: /comfy_servers and /comfy_models show the pool, /generate with
+    engine='comfyui' renders on it and returns the files."""
+    from gradio_client import Client
+
+    from tests.factories import AppProcess
+
+    urls = ",".join(s.url for s in stubs)
+    app = AppProcess(tmp_path / "appdata", models_dir, "--model-configs", str(model_configs),
+                     "--comfyui-urls", urls).start()  # fmt: skip
+    try:
+        client = Client(app.url, verbose=False)
+        models = client.predict(api_name="/comfy_models")
+        assert "sd15_tiny.safetensors" in models["checkpoints"] and "style_b.safetensors" in models["loras"]
+        files, infotext, job_id, *_ = client.predict(
+            prompt="a lighthouse", steps=4, width=64, height=64, seed=5, model="sd15_tiny.safetensors",
+            engine="comfyui", api_name="/generate")  # fmt: skip
+        assert len(files) == 1 and "Seed: 5" in infotext
+        servers = client.predict(api_name="/comfy_servers")
+        assert {s["url"] for s in servers} == {s.url for s in stubs} and all(s["healthy"] for s in servers)
+        assert client.predict(job_id, api_name="/job_status")["kind"] == "comfy_generate"
+    finally:
+        app.stop()
