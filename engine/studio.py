@@ -608,6 +608,24 @@ class Studio:
             raise InputError("no ComfyUI server is configured; start with --comfyui-urls http://127.0.0.1:8188")
         return server_models(pool_for(self.settings).object_info())
 
+    def add_comfy_workflow(self, workflow_json: str, manifest_json: str, overwrite: bool = False) -> dict:
+        """A user's ComfyUI workflow (exported with "Save (API format)") and its manifest, checked and kept
+        under <data-dir>/workflows; usable as comfy_template at once."""
+        import json
+
+        from engine.comfyui.templates import add_user_template, user_templates_dir
+
+        try:
+            manifest = json.loads(manifest_json)
+        except json.JSONDecodeError as e:
+            raise InputError(f"the manifest is not valid JSON: {e.msg} (line {e.lineno})") from None
+        if not isinstance(manifest, dict):
+            raise InputError("the manifest must be a JSON object with name, kind, bindings and outputs")
+        template = add_user_template(workflow_json, manifest, user_templates_dir(self.settings.data_dir),
+                                     overwrite=overwrite)  # fmt: skip
+        return {"name": template.manifest.name, "kind": template.manifest.kind,
+                "bindings": sorted(template.manifest.bindings)}  # fmt: skip
+
     def comfy_servers(self) -> list[dict]:
         """Each configured ComfyUI server: healthy, jobs in flight, limit, last error."""
         from engine.comfyui.generate import pool_for

@@ -77,6 +77,39 @@ def test_loras_are_spliced_and_a_batch_spreads_over_the_pool(comfy_studio, stubs
     assert lora["lora_name"] == "style_b.safetensors" and lora["strength_model"] == 0.7
 
 
+def test_img2img_and_inpaint_upload_their_images_and_bind_them(comfy_studio, stubs):
+    """The source and the (blurred) mask are uploaded to the server's input/ and named in the graph; the
+    template follows the mode."""
+    from tests.test_datasets import upload_dir
+
+    folder = upload_dir(comfy_studio, "comfy-inputs")
+    src, mask = folder / "src.png", folder / "mask.png"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(src)
+    m = Image.new("L", (64, 64), 0)
+    m.paste(255, (16, 16, 48, 48))
+    m.save(mask)
+    for stub in stubs:
+        stub.submitted.clear()
+    wait(comfy_studio, comfy_studio.submit_generate({**BASE, "init_image": str(src), "denoising_strength": 0.4})[0])
+    wait(comfy_studio, comfy_studio.submit_generate({**BASE, "init_image": str(src), "mask_image": str(mask),
+                                                     "mask_blur": 4})[0])  # fmt: skip
+    graphs = [body["prompt"] for stub in stubs for body in stub.submitted]
+    img2img = next(g for g in graphs if not any(n["class_type"] == "LoadImageMask" for n in g.values()))
+    inpaint = next(g for g in graphs if any(n["class_type"] == "LoadImageMask" for n in g.values()))
+    sampler = next(n for n in img2img.values() if n["class_type"] == "KSampler")["inputs"]
+    assert sampler["denoise"] == 0.4
+    init_name = next(n for n in inpaint.values() if n["class_type"] == "LoadImage")["inputs"]["image"]
+    mask_name = next(n for n in inpaint.values() if n["class_type"] == "LoadImageMask")["inputs"]["image"]
+    uploaded = {name: data for (kind, _, name), data in (stubs[0].files | stubs[1].files).items() if kind == "input"}
+    assert init_name in uploaded and mask_name in uploaded
+    import io
+
+    import numpy as np
+
+    sent = np.asarray(Image.open(io.BytesIO(uploaded[mask_name])).convert("L"))
+    assert sent[32, 32] == 255 and sent[0, 0] == 0 and 0 < sent[32, 15] < 255  # white = repaint, blurred edge
+
+
 def test_bad_comfyui_requests_are_refused_before_a_job(comfy_studio, studio):
     n = len(comfy_studio.recent_jobs(1000))
     with pytest.raises(InputError, match="does not support enable_hr"):
@@ -128,3 +161,20 @@ def test_comfyui_through_gradio_client(stubs, models_dir, model_configs, tmp_pat
         assert client.predict(job_id, api_name="/job_status")["kind"] == "comfy_generate"
     finally:
         app.stop()
+
+
+def test_a_users_api_workflow_becomes_a_template(comfy_studio, stubs):
+    """An exported API-format workflow plus a manifest is kept under the data dir and renders by name; a
+    UI-format export is refused with what to do instead."""
+    from engine.comfyui.generate import SHIPPED_WORKFLOWS
+
+    graph = json.loads((SHIPPED_WORKFLOWS / "txt2img.json").read_text())
+    manifest = json.loads((SHIPPED_WORKFLOWS / "txt2img.manifest.json").read_text())
+    manifest["name"] = "my_txt2img"
+    added = comfy_studio.add_comfy_workflow(json.dumps(graph), json.dumps(manifest))
+    assert added["name"] == "my_txt2img" and "prompt" in added["bindings"]
+    assert "my_txt2img" in comfy_studio.comfy_template_names()
+    result = wait(comfy_studio, comfy_studio.submit_generate({**BASE, "comfy_template": "my_txt2img"})[0])
+    assert json.loads(Image.open(result["images"][0]["path"]).text["studionova"])["comfyui"]["template"] == "my_txt2img"
+    with pytest.raises(InputError, match="API format"):
+        comfy_studio.add_comfy_workflow(json.dumps({"nodes": [], "links": []}), json.dumps({**manifest, "name": "ui"}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gradio as gr
 
 from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username
@@ -92,3 +94,32 @@ def build(ctx: UIContext) -> None:
     download.click(download_model, [repo_id, filename, revision, url, kind, save_as, sha256],
                    [result, download_status], api_name="download_model", concurrency_id=JOBS_CONCURRENCY_ID,
                    concurrency_limit=ctx.settings.max_queue)  # fmt: skip
+
+    with gr.Accordion("ComfyUI servers and workflows", open=False):
+        servers = gr.JSON(label="Servers (--comfyui-urls): healthy, jobs in flight, limit, last error")
+        servers_refresh = gr.Button("Check servers", size="sm")
+        with gr.Row():
+            workflow_file = gr.File(label="Workflow (ComfyUI: Save (API format))", file_types=[".json"],
+                                    type="filepath")  # fmt: skip
+            manifest_text = gr.Code(label="Manifest (name, kind, family, bindings, outputs, lora_stack)",
+                                    language="json", value="")  # fmt: skip
+        overwrite = gr.Checkbox(value=False, label="Replace a workflow of the same name")
+        add_workflow = gr.Button("Add workflow", size="sm")
+        workflow_status = gr.Markdown()
+
+    def check_servers() -> list[dict]:
+        with engine_errors():
+            return studio.comfy_servers()
+
+    def add_comfy_workflow(workflow: str, manifest: str, overwrite: bool = False) -> str:
+        """Add a ComfyUI API-format workflow file plus its manifest (JSON text) as a template."""
+        if not workflow:
+            raise gr.Error("upload the workflow JSON exported with ComfyUI's Save (API format)")
+        with engine_errors():
+            text = Path(workflow).read_text(encoding="utf-8", errors="replace")
+            added = studio.add_comfy_workflow(text, manifest or "", bool(overwrite))
+        return f"**added** `{added['name']}` ({added['kind']}): binds {', '.join(added['bindings'])}"
+
+    servers_refresh.click(check_servers, None, [servers], **PRIVATE)
+    add_workflow.click(add_comfy_workflow, [workflow_file, manifest_text, overwrite], [workflow_status],
+                       api_name="add_comfy_workflow")  # fmt: skip
