@@ -80,6 +80,43 @@ def bench_overhead(runs: int = RUNS) -> dict:
     return {"ours": statistics.median(ours), "bare": statistics.median(bare), "runs": runs}
 
 
+def bench_studio(runs: int = 10) -> dict:
+    """Row 1b: the whole StudioNOVA path: submit_generate(engine='comfyui') -> job row -> template bound ->
+    pool -> client -> PNG with infotext, recipe and prompt chunk in the library (Asset + Generation rows, a
+    thumbnail) -> job done; overhead = that wall time minus the render sleep, vs the bare loop's."""
+    import tempfile
+    from pathlib import Path
+
+    from engine.settings import Settings
+    from engine.studio import Studio
+
+    stub = ComfyStub(render_delay=RENDER_S, steps=4).start()
+    tmp = Path(tempfile.mkdtemp(prefix="comfy-bench-"))
+    studio = Studio.start(Settings(data_dir=tmp / "data", models_dir=tmp / "models", demo=True, device="cpu",
+                                   comfyui_urls=stub.url))  # fmt: skip
+    values = {"prompt": "a lighthouse", "engine": "comfyui", "model": "sd15_tiny.safetensors", "steps": 4,
+              "width": 64, "height": 64}  # fmt: skip
+    try:
+        with httpx.Client(base_url=stub.url, timeout=30) as http:
+            ours, bare = [], []
+            for i in range(WARMUP + runs):
+                t = time.perf_counter()
+                jid, _ = studio.submit_generate({**values, "seed": i})
+                done = [e for e in studio.watch(jid) if e["type"] in ("done", "failed")][-1]
+                ours_s = time.perf_counter() - t
+                assert done["type"] == "done" and Path(done["result"]["images"][0]["path"]).is_file(), done
+                t = time.perf_counter()
+                bare_job(http, stub.url, txt2img_graph(seed=i))
+                bare_s = time.perf_counter() - t
+                if i >= WARMUP:
+                    ours.append((ours_s - RENDER_S) * 1000)
+                    bare.append((bare_s - RENDER_S) * 1000)
+    finally:
+        studio.close()
+        stub.stop()
+    return {"ours": statistics.median(ours), "bare": statistics.median(bare), "runs": runs}
+
+
 def batch_seconds(servers: int, jobs: int = BATCH) -> float:
     stubs = [ComfyStub(render_delay=BATCH_RENDER_S, steps=4).start() for _ in range(servers)]
     try:
@@ -101,9 +138,10 @@ def batch_seconds(servers: int, jobs: int = BATCH) -> float:
 
 def bench_comfy(runs: int = RUNS) -> dict:
     overhead = bench_overhead(runs)
+    studio = bench_studio()
     one = batch_seconds(1)
     two = batch_seconds(2)
-    return {"overhead": overhead, "one": one, "two": two}
+    return {"overhead": overhead, "studio": studio, "one": one, "two": two}
 
 
 def rows(data: dict) -> list[dict]:
@@ -113,6 +151,11 @@ def rows(data: dict) -> list[dict]:
         dict(benchmark=f"1. client overhead per job beyond the {RENDER_S * 1000:.0f} ms render, `ComfyClient.run` vs "
              "bare httpx + websockets (median ms)", ours=f"{o['ours']:.1f}", base=f"{o['bare']:.1f}",
              ratio=f"{o['ours'] / o['bare']:.2f}x ({o['ours'] - o['bare']:+.1f} ms)", target="report", ok=True),
+        dict(benchmark=f"1b. submit to PNG in the library beyond the {RENDER_S * 1000:.0f} ms render: "
+             "`submit_generate(engine='comfyui')` (job row, template, pool, client, PNG + rows + thumbnail) vs bare "
+             "httpx + websockets (median ms)", ours=f"{data['studio']['ours']:.1f}",
+             base=f"{data['studio']['bare']:.1f}",
+             ratio=f"+{data['studio']['ours'] - data['studio']['bare']:.1f} ms", target="report", ok=True),
         dict(benchmark=f"2. {BATCH} jobs ({BATCH_RENDER_S * 1000:.0f} ms render each) via `ComfyPool.run`, two "
              "stubs vs one (wall s)", ours=f"{data['two']:.2f}", base=f"{data['one']:.2f}",
              ratio=f"{speedup:.2f}x throughput", target=f">= {SPEEDUP_TARGET}x", ok=speedup >= SPEEDUP_TARGET),
@@ -151,6 +194,8 @@ def bench_comfy_section(args, write_section, heading: str, machine: str) -> bool
             "Ours: `ComfyClient.run` (own websocket per run, progress/preview decoding, cancel checks every "
             "250 ms, /history status check, /view per image, timings). Baseline: httpx.Client + "
             "websockets.sync: open /ws, POST /prompt, read until execution_success, GET /history, GET /view.\n\n"
+            f"Row 1b: {data['studio']['runs']} jobs through the studio (a Studio on a temp data dir, the stub "
+            "as its only ComfyUI server), each followed to its `done` event, alternating with the bare loop.\n\n"
             f"Row 2: {BATCH} jobs submitted at once from {BATCH} threads through `ComfyPool.run` "
             f"(max_inflight=1 per server, render {BATCH_RENDER_S * 1000:.0f} ms), one warm-up job first; wall "
             "time for the batch on a pool of two stubs vs a pool of one.\n\n"
