@@ -392,9 +392,9 @@ class ComfyClient:
                 f"ComfyUI at {self.base_url} lost prompt {prompt_id} (server restarted?)"
             )
         _raise_for_history_status(self, prompt_id, entry)
+        # a successful prompt may have no /history outputs: its only output node sent images over the socket
+        # (SaveImageWebsocket, seen on a real ComfyUI); the caller decides whether no files is an error
         outputs = entry.get("outputs") or {}
-        if not outputs:
-            raise ComfyError(f"ComfyUI at {self.base_url} finished prompt {prompt_id} without any outputs")
         images = []
         for node_id, node_output in outputs.items():
             for ref in node_output.get("images", []):
