@@ -178,3 +178,29 @@ def test_a_users_api_workflow_becomes_a_template(comfy_studio, stubs):
     assert json.loads(Image.open(result["images"][0]["path"]).text["studionova"])["comfyui"]["template"] == "my_txt2img"
     with pytest.raises(InputError, match="API format"):
         comfy_studio.add_comfy_workflow(json.dumps({"nodes": [], "links": []}), json.dumps({**manifest, "name": "ui"}))
+
+
+def test_no_healthy_server_fails_clearly_or_falls_back_when_enabled(models_dir, model_configs, tmp_path):
+    """All servers down: the job fails naming the URL (after the job layer's retries), unless
+    --comfyui-fallback-local is on, when local diffusers renders it and the result says so."""
+    from engine.settings import Settings
+    from engine.studio import Studio
+    from tests.factories import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    for fallback in (False, True):
+        settings = Settings(data_dir=tmp_path / f"data-{fallback}", models_dir=models_dir, demo=True, device="cpu",
+                            model_configs=str(model_configs), comfyui_urls=dead,
+                            comfyui_fallback_local=fallback)  # fmt: skip
+        st = Studio.start(settings)
+        try:
+            jid, _ = st.submit_generate({**BASE, "steps": 2})
+            final = [e for e in st.watch(jid) if e["type"] in ("done", "failed")][-1]
+            if fallback:
+                assert final["type"] == "done", final
+                assert "fallback from comfyui" in final["result"]["device"]
+                assert final["result"]["model"] == st.default_model()
+            else:
+                assert final["type"] == "failed" and dead in final["error"], final
+        finally:
+            st.close()
