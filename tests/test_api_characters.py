@@ -241,3 +241,12 @@ def test_train_lora_options_and_errors_through_the_api(client):
         client.predict(character=c["slug"], backend="sd-scripts", api_name="/train_lora")
     with pytest.raises(AppError, match=r"concepts\[0\] repeats=0"):
         client.predict(character=c["slug"], concepts="someone:0", api_name="/train_lora")
+
+
+def test_a_character_and_a_project_take_a_default_engine(client):
+    c = new_character(client, "Engined", engine="comfyui")
+    view = client.predict(c["slug"], api_name="/get_character")
+    assert view["style"]["engine"] == "comfyui" and view["effective_style"]["engine"]["value"] == "comfyui"
+    project = client.predict(f"Engine Project {TAG}", "", "", None, None, None, None, "local",
+                             api_name="/create_project")  # fmt: skip
+    assert project["style"] == {"engine": "local"}

@@ -204,3 +204,14 @@ def test_no_healthy_server_fails_clearly_or_falls_back_when_enabled(models_dir, 
                 assert final["type"] == "failed" and dead in final["error"], final
         finally:
             st.close()
+
+
+def test_a_character_or_project_defaults_to_the_comfyui_engine(comfy_studio, stubs):
+    """A character whose style says engine='comfyui' renders there when the caller does not choose."""
+    c = comfy_studio.characters.create({"name": "Comfy Char", "trigger_word": "comfychar",
+                                        "style": {"engine": "comfyui", "model": "sd15_tiny.safetensors"}})  # fmt: skip
+    values = {k: v for k, v in BASE.items() if k not in ("engine", "model")}
+    jid, _ = comfy_studio.submit_generate({**values, "character": c.slug})
+    result = wait(comfy_studio, jid)
+    assert comfy_studio.job_status(jid)["kind"] == "comfy_generate" and result["device"].startswith("comfyui:")
+    assert comfy_studio.characters.effective_style(c)["engine"] == {"value": "comfyui", "source": "character"}

@@ -49,6 +49,8 @@ def build(ctx: UIContext) -> dict:
                 model = gr.Dropdown([("(inherit)", ""), *studio.model_choices()], value="", label="Default model",
                                     allow_custom_value=True)  # fmt: skip
                 sampler = gr.Dropdown(["", *SAMPLER_NAMES], value="", label="Sampler (empty = inherit)")
+                engine = gr.Dropdown([("(inherit)", ""), ("local (diffusers)", "local"), ("ComfyUI", "comfyui")],
+                                     value="", label="Engine", elem_id="character_engine")  # fmt: skip
             with gr.Row():
                 steps = gr.Number(value=None, precision=0, label="Steps (empty or 0 = inherit)")
                 cfg = gr.Number(value=None, label="CFG (empty or 0 = inherit)")
@@ -117,12 +119,14 @@ def build(ctx: UIContext) -> dict:
                        design_prompt: str | None = None, negative_prompt: str | None = None,
                        style_preset: str | None = None, project: str | None = None, model: str | None = None,
                        sampler: str | None = None, steps: float | None = None, cfg_scale: float | None = None,
-                       width: float | None = None, height: float | None = None, lora_weight: float | None = None,
-                       reference_images: list[str] | None = None, active_lora: str | None = None) -> dict:  # fmt: skip
+                       width: float | None = None, height: float | None = None, engine: str | None = None,
+                       lora_weight: float | None = None, reference_images: list[str] | None = None,
+                       active_lora: str | None = None) -> dict:  # fmt: skip
         """Create a character (character empty) or update it (its slug or id). On an update, fields not given
         (None) stay as they are; style fields given empty (or 0) are inherited from the project, then the
-        defaults. active_lora picks which of its LoRA versions generation uses ("" = none)."""
-        style_args = (model, sampler, steps, cfg_scale, width, height)
+        defaults. engine: "local" or "comfyui" renders its generations by default. active_lora picks which
+        of its LoRA versions generation uses ("" = none)."""
+        style_args = (model, sampler, steps, cfg_scale, width, height, engine)
         values = dict(name=name, trigger_word=trigger_word, design_prompt=design_prompt,
                       negative_prompt=negative_prompt, style_preset=style_preset, project=project,
                       lora_weight=float(lora_weight) if lora_weight is not None else None,
@@ -131,7 +135,7 @@ def build(ctx: UIContext) -> dict:
             # 0 means empty: the browser sends an empty gr.Number as 0, and no style value can be 0 (all >= 1)
             style = {"model": model or None, "sampler": sampler or None, "steps": int(steps) if steps else None,
                      "cfg_scale": float(cfg_scale) if cfg_scale else None, "width": int(width) if width else None,
-                     "height": int(height) if height else None}  # fmt: skip
+                     "height": int(height) if height else None, "engine": engine or None}  # fmt: skip
             values["style"] = {k: v for k, v in style.items() if v is not None}
         if character and not name:
             values.pop("name")
@@ -145,23 +149,23 @@ def build(ctx: UIContext) -> dict:
 
     def create_project(name: str, model: str = "", sampler: str = "", steps: float | None = None,
                        cfg_scale: float | None = None, width: float | None = None,
-                       height: float | None = None) -> dict:  # fmt: skip
-        """A project: a group of characters with a default generation style they inherit."""
+                       height: float | None = None, engine: str = "") -> dict:  # fmt: skip
+        """A project: a group of characters with a default generation style (and engine) they inherit."""
         style = {"model": model or None, "sampler": sampler or None, "steps": int(steps) if steps else None,
                  "cfg_scale": float(cfg_scale) if cfg_scale else None, "width": int(width) if width else None,
-                 "height": int(height) if height else None}  # fmt: skip
+                 "height": int(height) if height else None, "engine": engine or None}  # fmt: skip
         with engine_errors():
             p = studio.characters.create_project(name, {k: v for k, v in style.items() if v is not None})
         return {"id": p.id, "slug": p.slug, "name": p.name, "style": p.style}
 
     def update_project(project: str, name: str | None = None, model: str = "", sampler: str = "",
                        steps: float | None = None, cfg_scale: float | None = None, width: float | None = None,
-                       height: float | None = None) -> dict:  # fmt: skip
+                       height: float | None = None, engine: str = "") -> dict:  # fmt: skip
         """Rename a project or replace its default generation style (empty = the defaults); its characters
         inherit the new style wherever they do not override it."""
         style = {"model": model or None, "sampler": sampler or None, "steps": int(steps) if steps else None,
                  "cfg_scale": float(cfg_scale) if cfg_scale else None, "width": int(width) if width else None,
-                 "height": int(height) if height else None}  # fmt: skip
+                 "height": int(height) if height else None, "engine": engine or None}  # fmt: skip
         with engine_errors():
             p = studio.characters.update_project(project or "", name=name or None,
                                                  style={k: v for k, v in style.items() if v is not None})  # fmt: skip
@@ -235,7 +239,7 @@ def build(ctx: UIContext) -> dict:
     # --- page sync (private) ------------------------------------------------------------------
     def fill(character: str):
         if not character:
-            return ("", "", "", "", "", "", "", "", None, None, None, None, 0.8, [], {}, [], [], "", "")
+            return ("", "", "", "", "", "", "", "", None, None, None, None, "", 0.8, [], {}, [], [], "", "")
         with engine_errors():
             v = studio.character_view(character)
         own = v["style"]
@@ -246,12 +250,12 @@ def build(ctx: UIContext) -> dict:
                                                     f"needs {r['min_approved']} approved to train"))  # fmt: skip
         return (v["name"], v["trigger_word"], v["design_prompt"], v["negative_prompt"], v["style_preset"],
                 v["project"] or "", own.get("model", ""), own.get("sampler", ""), own.get("steps"),
-                own.get("cfg_scale"), own.get("width"), own.get("height"), v["lora_weight"],
+                own.get("cfg_scale"), own.get("width"), own.get("height"), own.get("engine", ""), v["lora_weight"],
                 [[t["term"], t["source"]] for t in v["effective_negative"]], v["effective_style"],
                 [[lo["version"], lo["name"], lo["format"], lo["short_hash"], lo["base_model"], lo["source"]]
                  for lo in v["loras"]], files, state, None)  # fmt: skip
 
-    form = [name, trigger, design, negative, style_preset, project, model, sampler, steps, cfg, width, height,
+    form = [name, trigger, design, negative, style_preset, project, model, sampler, steps, cfg, width, height, engine,
             lora_weight, effective, style_box, loras, ref_gallery, status, sheet_image]  # fmt: skip
 
     def after_save(result: dict | None):
@@ -260,7 +264,7 @@ def build(ctx: UIContext) -> dict:
 
     pick.change(fill, [pick], form, **PRIVATE)
     save.click(save_character, [pick, name, trigger, design, negative, style_preset, project, model, sampler, steps,
-                                cfg, width, height, lora_weight, refs], [hidden], api_name="save_character").success(
+                                cfg, width, height, engine, lora_weight, refs], [hidden], api_name="save_character").success(
         after_save, [hidden], [pick], **PRIVATE).success(fill, [pick], form, **PRIVATE)  # fmt: skip
     delete.click(delete_character, [pick], [hidden], api_name="delete_character").success(
         lambda _: gr.update(choices=[("+ new character", ""), *character_choices(studio)], value=""), [hidden],
@@ -271,11 +275,12 @@ def build(ctx: UIContext) -> dict:
                  gr.update(choices=["", *[p.slug for p in studio.characters.projects()]]),
                  gr.update(choices=studio.lora_names())), None, [pick, project, existing], **PRIVATE)  # fmt: skip
     gr.api(get_character, api_name="get_character")
-    project_btn.click(create_project, [project_name, model, sampler, steps, cfg, width, height], [hidden],
+    project_btn.click(create_project, [project_name, model, sampler, steps, cfg, width, height, engine], [hidden],
                       api_name="create_project").success(
         lambda: gr.update(choices=["", *[p.slug for p in studio.characters.projects()]]), None, [project],
         **PRIVATE)  # fmt: skip
-    project_save.click(update_project, [project, project_name, model, sampler, steps, cfg, width, height], [hidden],
+    project_save.click(update_project, [project, project_name, model, sampler, steps, cfg, width, height, engine],
+                       [hidden],
                        api_name="update_project").success(fill, [pick], form, **PRIVATE)  # fmt: skip
     upload.click(upload_lora, [lora_file, lora_name, pick], [hidden], api_name="upload_lora").success(
         fill, [pick], form, **PRIVATE)  # fmt: skip
