@@ -248,5 +248,6 @@ def test_library_upload_search_rename_and_hooks_in_the_browser(app, tmp_path):
         page.get_by_text("Hooks (short texts overlaid on variants)").click()
         page.locator("#hooks_text textarea").fill("browser hook one\nbrowser hook two")
         page.locator("#hooks_add").click()
+        page.locator("#hooks_table").scroll_into_view_if_needed()
         expect(page.locator("#hooks_table")).to_contain_text("browser hook two", timeout=30_000)
         page.screenshot(path=str(tmp_path / "library.png"), full_page=True)

@@ -171,7 +171,9 @@ def build(ctx: UIContext) -> None:
             return [h.model_dump(mode="json") for h in studio.library.hooks(category=category or "")]
 
     def hook_rows():
-        return [[h.id, h.category, h.text] for h in studio.library.hooks()]
+        """Newest first: what was just added is at the top of the (virtualised) table."""
+        hooks = sorted(studio.library.hooks(), key=lambda h: h.created_at, reverse=True)
+        return [[h.id, h.category, h.text] for h in hooks]
 
     def refresh_collections():
         choices = collection_choices()
