@@ -63,6 +63,10 @@ class Settings:
     jobs_per_device: int = field(
         default=1, metadata={"help": "jobs a device worker runs at once (diffusion jobs never share a GPU)"}
     )
+    ffmpeg_parallel: int = field(
+        default=0,
+        metadata={"help": "ffmpeg processes a variant batch runs at once (0 = auto: 2 on 2+ cores, else 1)"},
+    )
     max_queue: int = field(
         default=64, metadata={"help": "requests Gradio accepts waiting before answering 'queue is full'"}
     )
@@ -143,6 +147,8 @@ class Settings:
             ) from None
         if self.daily_gpu_minutes < 0:
             raise InputError(f"daily_gpu_minutes={self.daily_gpu_minutes!r} must be 0 (no budget) or more")
+        if not 0 <= self.ffmpeg_parallel <= 32:
+            raise InputError(f"ffmpeg_parallel={self.ffmpeg_parallel!r} must be 0 (auto) to 32")
         if self.jobs_per_device < 1:
             raise InputError(f"jobs_per_device={self.jobs_per_device!r} must be at least 1")
         if int(self.comfyui_max_inflight) < 1:

@@ -81,7 +81,9 @@ def test_round_robin_batch_audio_per_variant_and_zip(studio, media):
         assert abs(info.duration - 2.0) < 0.15 and (info.width, info.height) == (320, 180)
         assert abs(dominant_frequency(out) - freq) < 15, (row, freq)
     progress = [e for e in res["events"] if e["type"] == "progress" and e.get("variant")]
-    assert [e["variant"]["index"] for e in progress] == [0, 1, 2]  # each variant reported as it finished
+    # each variant reported as it finished (two render at once, so in completion order)
+    assert sorted(e["variant"]["index"] for e in progress) == [0, 1, 2]
+    assert [e["step"] for e in progress] == [1, 2, 3]
     with zipfile.ZipFile(studio.settings.outputs_dir / res["zip"]) as z:
         assert sorted(z.namelist()) == sorted(Path(r["file"]).name for r in res["variants"])
 
@@ -139,3 +141,44 @@ def test_a_batch_does_not_hold_up_image_generation(studio, media):
     assert studio.job_status(batch_id)["status"] in ("queued", "running")  # 12 renders are still going
     assert list(studio.watch(batch_id))[-1]["type"] == "done"
     assert studio.job_status(batch_id)["device"] == "media"
+
+
+def test_two_variants_render_at_once_and_cancel_stops_them(studio, media, monkeypatch):
+    """A batch keeps two ffmpeg processes busy (one leaves cores idle); cancel stops every running one and
+    leaves no partial file."""
+    import threading
+
+    import engine.variants as variants
+
+    videos, audios, _ = media
+    real = variants._render_one
+    lock, state = threading.Lock(), {"now": 0, "most": 0}
+    cancel_now = threading.Event()
+
+    def counting(a, req, folder, ctx):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+        try:
+            if cancel_now.is_set():
+                cancel_now.wait(0.3)
+            return real(a, req, folder, ctx)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(variants, "_render_one", counting)
+    monkeypatch.setattr(studio.settings, "ffmpeg_parallel", 2)
+    res = run_batch(studio, videos=[v.id for v in videos], audios=[audios[0].id], per_video=2)
+    assert (res["ok"], res["failed"]) == (6, 0) and [r["index"] for r in res["variants"]] == list(range(6))
+    assert state["most"] == 2
+
+    cancel_now.set()
+    job_id, token = studio.submit_variants({"videos": [v.id for v in videos], "audios": [audios[1].id],
+                                            "per_video": 3})  # fmt: skip
+    for event in studio.watch(job_id):
+        if event["type"] == "progress" and event.get("variant"):
+            studio.cancel(job_id, token=token)
+    assert studio.job_status(job_id)["status"] == "cancelled"
+    left = list(batch_dir(studio.settings.outputs_dir, job_id).glob(".tmp-*"))
+    assert not left, left
