@@ -79,7 +79,9 @@ def build_app(studio, settings: Settings):
         models_tab,
         pnginfo_tab,
         train_tab,
+        upscale_tab,
         variants_tab,
+        video_tab,
     )
     from ui.common import UIContext
 
@@ -94,7 +96,7 @@ def build_app(studio, settings: Settings):
             with gr.Tab("Generate", id="generate"):
                 ctx.form = generate_tab.build(ctx)
             with gr.Tab("Gallery", id="gallery"):
-                gallery_tab.build(ctx)
+                gallery = gallery_tab.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo"):
                 pnginfo_tab.build(ctx)
             with gr.Tab("Characters", id="characters"):
@@ -105,6 +107,10 @@ def build_app(studio, settings: Settings):
                 dataset_tab.build_review(ctx)
             with gr.Tab("Train", id="train"):
                 train_tab.build(ctx)
+            with gr.Tab("Upscale", id="upscale"):
+                upscale = upscale_tab.build(ctx)
+            with gr.Tab("Video", id="video"):
+                video = video_tab.build(ctx)
             with gr.Tab("Models", id="models"):
                 models_tab.build(ctx)
             with gr.Tab("Library", id="library"):
@@ -113,6 +119,8 @@ def build_app(studio, settings: Settings):
                 variants_tab.build(ctx)
             with gr.Tab("Jobs", id="jobs"):
                 jobs_tab.build(ctx)
+        upscale_tab.wire_send(ctx, upscale, gallery, video)
+        video_tab.wire_first_frame(ctx, video, gallery)
     demo.queue(api_open=False, max_size=settings.max_queue, default_concurrency_limit=4)
     return demo
 

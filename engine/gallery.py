@@ -26,7 +26,7 @@ from engine.paths import within
 from engine.store import Asset, Database, Generation, GenerationLora, utcnow
 
 # Values of `Generation.mode`, as `GenerateRequest.mode` names them.
-MODES = ("txt2img", "img2img", "inpaint", "outpaint")
+MODES = ("txt2img", "img2img", "inpaint", "outpaint", "upscale", "img2video", "txt2video", "camera")
 SORTS = ("newest", "oldest")
 MAX_PAGE_SIZE = 200
 MAX_TEXT = 500

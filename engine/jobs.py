@@ -89,6 +89,8 @@ JOB_KINDS: dict[str, JobKind] = {
     "train_lora_kohya": JobKind(
         "engine.kohya_delegate:run_kohya_job", "engine.train_job:TrainJobRequest", resumable=True
     ),
+    "upscale": JobKind("engine.upscale_job:run_upscale_job", "engine.upscale_job:UpscaleRequest"),
+    "generate_video": JobKind("engine.video_job:run_video_job", "engine.video_job:VideoRequest"),
     "reference_sheet": JobKind(
         "engine.reference_sheet:run_reference_sheet_job", "engine.reference_sheet:ReferenceSheetRequest"
     ),

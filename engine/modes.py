@@ -153,24 +153,16 @@ def upscale_latents(latents, width: int, height: int, upscaler: str, vae_scale_f
 
 
 def upscale_image(image, width: int, height: int, model_path: Path | None, device: str = "cpu"):
-    """Lanczos, or an ESRGAN-family model loaded through spandrel, then resized to the exact target."""
-    from PIL import Image
+    """Lanczos, or an ESRGAN-family model loaded through spandrel, then resized to the exact target
+    (engine.upscale.upscale_image: tiled, alpha and mode kept)."""
+    from engine import upscale
+    from engine.device import resolve_device
 
     if model_path is None:
-        return image.resize((width, height), Image.Resampling.LANCZOS)
-    import numpy as np
-    import torch
-    from spandrel import ModelLoader
-
+        return upscale.upscale_image(image, None, target=(width, height))
     try:
-        model = ModelLoader(device=device).load_from_file(str(model_path))
-    except Exception as e:  # spandrel raises plain exceptions for unknown architectures
+        return upscale.upscale_image(image, model_path, target=(width, height), plan=resolve_device(device))
+    except upscale.UnsupportedUpscalerError as e:
         raise InputError(
             f"hr_upscaler {model_path.name!r} is not an upscale model spandrel can load: {e}"
         ) from None
-    model.eval()
-    x = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1).float().div(255).unsqueeze(0)
-    with torch.inference_mode():
-        y = model(x.to(device)).clamp(0, 1)
-    out = Image.fromarray((y[0].permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8"))
-    return out.resize((width, height), Image.Resampling.LANCZOS)

@@ -23,10 +23,27 @@ MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "controlnet": (("controlnet", "ControlNet"), (".safetensors", ".pth")),
     "ipadapter": (("ipadapter",), (".safetensors", ".bin", ".pt", ".pth")),
     "clip_vision": (("clip_vision",), (".safetensors",)),  # or transformers folders (config.json)
+    # ComfyUI-AnimateDiff-Evolved's folder: motion-module files, or diffusers MotionAdapter folders (config.json)
+    "animatediff_models": (("animatediff_models",), (".safetensors", ".ckpt", ".pth")),
 }
 KIND_LABELS = {"diffusers": "model", "checkpoints": "checkpoint", "loras": "lora", "vae": "VAE",
                "upscale_models": "upscale model", "embeddings": "embedding", "controlnet": "ControlNet",
-               "ipadapter": "IP-Adapter", "clip_vision": "image encoder"}  # fmt: skip
+               "ipadapter": "IP-Adapter", "clip_vision": "image encoder",
+               "animatediff_models": "motion adapter"}  # fmt: skip
+
+
+# Diffusers folders that are not text-to-image models: the Video tab and the upscalers list them.
+NOT_IMAGE_PIPELINES = ("StableVideoDiffusion", "LTX", "Wan", "CogVideoX", "AnimateDiff", "HunyuanVideo", "Mochi",
+                       "StableDiffusionUpscale", "StableDiffusionLatentUpscale")  # fmt: skip
+
+
+def _pipeline_class(folder: Path) -> str:
+    import json
+
+    try:
+        return str(json.loads((folder / "model_index.json").read_text()).get("_class_name") or "")
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def within(root: Path, candidate: Path) -> bool:
@@ -97,8 +114,10 @@ class ModelRoots:
         return out
 
     def list_models(self) -> dict[str, Path]:
-        """Every loadable model: diffusers folders, then single-file checkpoints."""
-        found = self.list_diffusers_folders()
+        """Every image model: diffusers folders (not video or upscaler pipelines: those have their own
+        lists), then single-file checkpoints."""
+        found = {name: path for name, path in self.list_diffusers_folders().items()
+                 if not _pipeline_class(path).startswith(NOT_IMAGE_PIPELINES)}  # fmt: skip
         for name, path in self.list_checkpoint_files().items():
             found.setdefault(name, path)
         return found

@@ -63,6 +63,10 @@ class Settings:
     jobs_per_device: int = field(
         default=1, metadata={"help": "jobs a device worker runs at once (diffusion jobs never share a GPU)"}
     )
+    max_upscale_pixels: int = field(
+        default=4096 * 4096,
+        metadata={"help": "largest image an upscale may read or write, in pixels (width x height)"},
+    )
     ffmpeg_parallel: int = field(
         default=0,
         metadata={"help": "ffmpeg processes a variant batch runs at once (0 = auto: 2 on 2+ cores, else 1)"},
@@ -147,6 +151,8 @@ class Settings:
             ) from None
         if self.daily_gpu_minutes < 0:
             raise InputError(f"daily_gpu_minutes={self.daily_gpu_minutes!r} must be 0 (no budget) or more")
+        if not 64 * 64 <= self.max_upscale_pixels <= 65536 * 65536:
+            raise InputError(f"max_upscale_pixels={self.max_upscale_pixels!r} must be 4096 to 65536*65536")
         if not 0 <= self.ffmpeg_parallel <= 32:
             raise InputError(f"ffmpeg_parallel={self.ffmpeg_parallel!r} must be 0 (auto) to 32")
         if self.jobs_per_device < 1:

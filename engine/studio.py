@@ -662,6 +662,100 @@ class Studio:
         req = self.build_generate_request(base)
         return self.jobs.submit("reference_sheet", ReferenceSheetRequest.build(base=req, **sheet), owner=owner)
 
+    # --- upscaling and video ------------------------------------------------------------------
+    def upscalers(self) -> list[dict]:
+        """Lanczos, every Real-ESRGAN family file in models/upscale_models (architecture and scale, as spandrel
+        reads them) and every SD x4 upscaler folder."""
+        from engine.upscale_job import list_upscalers
+
+        return list_upscalers(self.roots)
+
+    def submit_upscale(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        """values: images (uploads), generation_ids (gallery), video (an upload), upscaler, scale or width+height,
+        tile, and the SD x4 options (prompt, negative_prompt, noise_level, steps, cfg_scale, seed)."""
+        from engine.upscale_job import UpscaleRequest, _sources, resolve_upscaler
+
+        values = {k: v for k, v in values.items() if v is not None}
+        images = values.get("images") or []
+        if isinstance(images, str):
+            images = [p for p in images.replace("\n", ",").split(",") if p.strip()]
+        values["images"] = [self.checked_upload(p, "images") for p in images]
+        if values.get("video"):
+            values["video"] = self.checked_upload(values["video"], "video")
+        if values.get("seed") is not None and int(values["seed"]) == -1:
+            values["seed"] = secrets.randbelow(MAX_SEED + 1)
+        req = UpscaleRequest.build(**values)
+        resolve_upscaler(self.roots, req.upscaler)  # unknown upscaler: refused before a job exists
+        _sources(req, self.db)  # unknown or deleted generations: likewise
+        return self.jobs.submit("upscale", req, owner=owner)
+
+    def video_models(self) -> list[dict]:
+        from engine.video import VIDEO_FAMILIES, list_video_models
+
+        return [{"name": m.name, "family": m.family, "label": VIDEO_FAMILIES[m.family].label,
+                 "modes": list(VIDEO_FAMILIES[m.family].modes)} for m in list_video_models(self.roots.models_dir)]  # fmt: skip
+
+    def video_families(self) -> list[dict]:
+        """The registry as the Video tab and API show it: modes, frame rule, sizes and defaults per family."""
+        import dataclasses
+
+        from engine.video import VIDEO_FAMILIES
+
+        return [dataclasses.asdict(f) for f in VIDEO_FAMILIES.values()]
+
+    def submit_video(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
+        """values: mode (img2video, txt2video, camera), model, base_model (AnimateDiff), prompt, negative_prompt,
+        image (upload) or generation_id (gallery) or first_frame_prompt (generate it), frames, fps, width, height,
+        steps, cfg_scale, seed, motion_strength, decode_chunk_size, loras, camera_moves, camera_strength,
+        duration, interpolate_fps. Every limit of the family is checked here, before a job exists."""
+        from engine.video_job import VideoRequest, check_video_request, find_video_model
+
+        values = {k: v for k, v in values.items() if v is not None}
+        if values.get("seed") is None or int(values["seed"]) == -1:
+            values["seed"] = secrets.randbelow(MAX_SEED + 1)
+        if values.get("image"):
+            values["image"] = self.checked_upload(values["image"], "image")
+        first_prompt = str(values.pop("first_frame_prompt", "") or "").strip()
+        first_model = str(values.pop("first_frame_model", "") or "")
+        mode = values.get("mode", "camera")
+        if first_prompt and mode in ("img2video", "camera") and not (values.get("image") or values.get("generation_id")):
+            values["first_frame"] = self.build_generate_request({
+                "prompt": first_prompt, "negative_prompt": values.get("negative_prompt", ""), "model": first_model,
+                "seed": values["seed"], "width": int(values.get("width") or 512) or 512,
+                "height": int(values.get("height") or 512) or 512})  # fmt: skip
+        req = VideoRequest.build(**values)
+        family = None
+        image = None
+        if req.mode != "camera":
+            if not req.model:
+                names = [m["name"] for m in self.video_models()]
+                raise InputError(f"mode={req.mode!r} needs model= a video model; available: {', '.join(names) or 'none'}")
+            model = find_video_model(self.roots.models_dir, req.model)
+            family = model.family
+            if family == "animatediff":
+                base = self.match_model(req.base_model or "") or self.default_model()
+                self.roots.resolve("diffusers", base, self.roots.list_models())
+                req = VideoRequest.build(**{**req.model_dump(), "base_model": base})
+                loras = self.roots.list_files("loras")
+                for spec in req.loras:
+                    lora_format(self.roots.resolve("loras", spec.name, loras))
+            elif req.loras:
+                raise InputError(f"loras: only AnimateDiff (SD1.5) videos take LoRAs; {req.model!r} is {family}")
+        if req.image:
+            from PIL import Image
+
+            try:
+                with Image.open(req.image) as im:
+                    image = im.convert("RGB")
+            except (OSError, Image.DecompressionBombError) as e:
+                raise InputError(f"image: not a readable image ({e}); allowed: PNG, JPEG, WebP") from None
+        if req.generation_id:
+            d = self.generation(req.generation_id)
+            if not d.file_exists or d.mode in ("img2video", "txt2video", "camera"):
+                raise InputError(f"generation_id={req.generation_id!r} is not an image with its file")
+        check_video_request(req, family, image)
+        return self.jobs.submit("generate_video", req, owner=owner)
+
     # --- media library and variants -----------------------------------------------------------
     @property
     def library(self):

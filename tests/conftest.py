@@ -24,7 +24,9 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory) -> Path:
-    """A models folder with the demo model and three LoRAs (kohya, diffusers, and a LoHa to refuse)."""
+    """A models folder with the demo model and three LoRAs (kohya, diffusers, and a LoHa to refuse), a VAE,
+    an embedding, a ControlNet, tiny SDXL models, a single-file checkpoint, upscalers (Compact, SD x4) and
+    tiny video models (SVD, LTX-Video, an AnimateDiff motion adapter)."""
     from engine.demo_model import ensure_demo_model
     from engine.paths import ModelRoots
 
@@ -41,6 +43,13 @@ def models_dir(tmp_path_factory) -> Path:
     build_tiny_sdxl(refiner=True).save_pretrained(root / "diffusers" / "tiny-sdxl-refiner")
     export_sd1_checkpoint(model_dir, root / "checkpoints" / "demo-single.safetensors")
     save_compact_upscaler(root / "upscale_models" / "tiny-compact-x4.pth")
+    from tests.upscale_factories import build_sd_x4
+    from tests.video_factories import build_tiny_ltx, build_tiny_motion_adapter, build_tiny_svd
+
+    build_sd_x4(root / "diffusers" / "tiny-sd-x4")
+    build_tiny_svd(root / "diffusers" / "tiny-svd")
+    build_tiny_ltx(root / "diffusers" / "tiny-ltx")
+    build_tiny_motion_adapter(root / "animatediff_models" / "tiny-motion", model_dir)
     return root
 
 

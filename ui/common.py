@@ -48,6 +48,22 @@ def remember_token(jid: str, token: str, tokens: dict | None) -> dict:
     return tokens
 
 
+def wire_job_controls(ctx: UIContext, stop, job_id, cancel_token, status) -> None:
+    """A tab's Cancel button for the job it started, and that job's cancel token remembered in this browser
+    (ctx.job_tokens) as soon as the job exists, for the Jobs tab's buttons after a reload."""
+    studio = ctx.studio
+    if ctx.job_tokens is not None:
+        job_id.change(remember_token, [job_id, cancel_token, ctx.job_tokens], [ctx.job_tokens], **PRIVATE)
+
+    def cancel_current(jid: str, token: str, request: gr.Request = None) -> str:
+        if not jid:
+            return "nothing to cancel"
+        with engine_errors():
+            return f"**{studio.cancel(jid, username(request), token)}**"
+
+    stop.click(cancel_current, [job_id, cancel_token], [status], **PRIVATE)
+
+
 def username(request: gr.Request | None) -> str:
     return (getattr(request, "username", None) or "anonymous") if request is not None else "anonymous"
 

@@ -13,7 +13,10 @@ from ui.send import form_targets, form_updates
 PAGE_SIZE = 50
 
 
-def build(ctx: UIContext) -> None:
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm")
+
+
+def build(ctx: UIContext) -> dict:
     studio = ctx.studio
     with gr.Row():
         text = gr.Textbox(label="Prompt contains", value="", scale=3, elem_id="gallery_text")
@@ -21,7 +24,8 @@ def build(ctx: UIContext) -> None:
                             allow_custom_value=True)  # fmt: skip
         lora = gr.Dropdown(["", *studio.lora_names()], value="", label="LoRA", allow_custom_value=True)
         character = gr.Textbox(label="Character", value="")
-        mode = gr.Dropdown(["", "txt2img", "img2img", "inpaint", "outpaint"], value="", label="Mode")
+        mode = gr.Dropdown(["", "txt2img", "img2img", "inpaint", "outpaint", "upscale", "img2video", "txt2video",
+                            "camera"], value="", label="Mode")  # fmt: skip
     with gr.Row():
         date_from = gr.Textbox(label="From (YYYY-MM-DD)", value="")
         date_to = gr.Textbox(label="To (YYYY-MM-DD)", value="")
@@ -38,11 +42,16 @@ def build(ctx: UIContext) -> None:
         with gr.Column(scale=2):
             selected = gr.Textbox(label="Generation id", interactive=False, elem_id="gallery_selected")
             image = gr.Image(label="Image", type="filepath", interactive=False, height=256)
+            video = gr.Video(label="Video", interactive=False, height=256, visible=False, elem_id="gallery_video")
             infotext = gr.Textbox(label="Infotext", lines=4, buttons=["copy"])
             with gr.Row():
                 reuse = gr.Button("Reuse parameters", size="sm", elem_id="gallery_reuse")
                 to_img2img = gr.Button("Send to img2img", size="sm")
                 to_inpaint = gr.Button("Send to inpaint", size="sm")
+            with gr.Row():
+                send_upscale = gr.Button("Send to upscale", size="sm", elem_id="gallery_send_upscale")
+                send_page_upscale = gr.Button("Send page to upscale", size="sm")
+                send_video = gr.Button("Send to video", size="sm", elem_id="gallery_send_video")
             with gr.Row():
                 trash_btn = gr.Button("Move to trash", size="sm", variant="stop", elem_id="gallery_trash")
                 restore_btn = gr.Button("Restore", size="sm")
@@ -94,13 +103,16 @@ def build(ctx: UIContext) -> None:
 
     def pick(id_list: list, evt: gr.SelectData):
         if evt.index is None or evt.index >= len(id_list):
-            return "", None, "", None
+            return "", None, gr.update(value=None, visible=False), "", None
         with engine_errors():
             d = studio.generation(id_list[evt.index])
         record = json.loads(json.dumps(dataclasses.asdict(d), default=str))
-        return d.generation_id, d.image_path if d.file_exists else None, d.infotext, record
+        path = d.image_path if d.file_exists else None
+        if path and path.lower().endswith(VIDEO_SUFFIXES):  # a clip: the player instead of the image view
+            return d.generation_id, None, gr.update(value=path, visible=True), d.infotext, record
+        return d.generation_id, path, gr.update(value=None, visible=False), d.infotext, record
 
-    grid.select(pick, [ids], [selected, image, infotext, detail], **PRIVATE)
+    grid.select(pick, [ids], [selected, image, video, infotext, detail], **PRIVATE)
 
     def trash(generation_id: str):
         with engine_errors():
@@ -156,3 +168,5 @@ def build(ctx: UIContext) -> None:
                          [detail, image], targets, **PRIVATE).then(
             lambda path: gr.update(value={"background": path, "layers": [], "composite": path}) if path else gr.skip(),
             [image], [ctx.form["_editor"]], **PRIVATE)  # fmt: skip
+    return {"selected": selected, "ids": ids, "send_upscale": send_upscale, "send_page_upscale": send_page_upscale,
+            "send_video": send_video}

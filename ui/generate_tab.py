@@ -19,8 +19,8 @@ from ui.common import (
     UIContext,
     engine_errors,
     name_range_errors,
-    remember_token,
     username,
+    wire_job_controls,
 )
 
 
@@ -274,16 +274,7 @@ def build(ctx: UIContext) -> dict[str, Any]:
     outputs = [gallery, infotext, job_id, cancel_token, status, preview]
     go.click(generate, inputs, outputs, api_name="generate", concurrency_limit=ctx.settings.max_queue,
                      concurrency_id=JOBS_CONCURRENCY_ID)  # fmt: skip
-    if ctx.job_tokens is not None:  # remembered as soon as the job exists, for the Jobs tab's buttons
-        job_id.change(remember_token, [job_id, cancel_token, ctx.job_tokens], [ctx.job_tokens], **PRIVATE)
-
-    def cancel_current(jid: str, token: str, request: gr.Request = None) -> str:
-        if not jid:
-            return "nothing to cancel"
-        with engine_errors():
-            return f"**{studio.cancel(jid, username(request), token)}**"
-
-    stop.click(cancel_current, [job_id, cancel_token], [status], **PRIVATE)
+    wire_job_controls(ctx, stop, job_id, cancel_token, status)
 
     def refresh_lists():
         return (gr.update(choices=studio.model_choices()), gr.update(choices=["", *[n for _, n in studio.model_choices()]]), gr.update(choices=studio.lora_names()),

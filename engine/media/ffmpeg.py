@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -84,6 +84,25 @@ def media_input(path: str | os.PathLike) -> str:
             f"media input {str(path)!r} is not a regular file (folders, devices and pipes are refused)"
         )
     return f"file:{resolved}"
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A temp file beside `out` (same folder and suffix, TMP_PREFIX) for one ffmpeg output. When the block
+    ends without error it is fsynced and renamed over `out`; when it raises, it is removed. So `out` is
+    always either the old file or the whole new one, whatever stops the encode (cancel, timeout, kill)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=out.suffix, dir=out.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _media_output(path: Path) -> str:
@@ -472,23 +491,13 @@ def render_variant(
         if not audio.has_audio:
             raise InputError(f"audio {spec.audio.name!r} has no audio stream")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=out.suffix, dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    with staged_output(out) as tmp:
         run_ffmpeg(_variant_args(spec, video, audio, _media_output(tmp), fmt), timeout, cancelled)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
         result = probe(tmp)
         if abs(result.duration - video.duration) > max(0.25, 2 / (video.fps or 25)):
             raise InputError(
                 f"video {spec.video.name!r}: the variant lasts {result.duration:.2f}s, not {video.duration:.2f}s;"
                 " the source is probably damaged"
             )
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     result.path = out
     return result

@@ -119,7 +119,7 @@ def render_motion(spec: MotionSpec, out: Path, timeout: float = 600,
     """Write the clip (H.264 MP4, no audio) to `out` atomically; returns its MediaInfo."""
     from PIL import Image
 
-    from engine.media.ffmpeg import probe, run_ffmpeg
+    from engine.media.ffmpeg import probe, run_ffmpeg, staged_output
 
     try:
         with Image.open(spec.image) as im:
@@ -133,17 +133,11 @@ def render_motion(spec: MotionSpec, out: Path, timeout: float = 600,
     frames = max(1, round(spec.duration * spec.fps))
     boxes = camera_boxes(MotionSpec(spec.image, spec.moves, spec.strength, spec.duration, spec.fps, size,
                                     spec.ease), (iw, ih), frames)  # fmt: skip
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkstemp(prefix=TMP_PREFIX, suffix=out.suffix or ".mp4", dir=out.parent)[1])
-    try:
+    with staged_output(Path(out)) as tmp:
         args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size[0]}x{size[1]}", "-r", str(spec.fps),
                 "-i", "pipe:0", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
                 "-movflags", "+faststart", "-f", "mp4", "-y", f"file:{tmp}"]  # fmt: skip
         run_ffmpeg(args, timeout=timeout, cancelled=cancelled, stdin_chunks=_frames(image, boxes, size))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return probe(out)
 
 

@@ -1,6 +1,6 @@
 """Benchmarks. Prints tables and writes BENCHMARKS.md.
 
-    .venv/bin/python -m tests.benchmarks.run_benchmarks [--runs 10] [--only generation|gallery|variants|training|comfyui]
+    .venv/bin/python -m tests.benchmarks.run_benchmarks [--runs 10] [--only generation|gallery|variants|training|comfyui|upscale]
 
 Generation (issue 2) and the gallery (issue 3) are separate sections of BENCHMARKS.md; `--only`
 re-measures one and keeps the other section as it was.
@@ -130,7 +130,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--out", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument(
-        "--only", choices=["generation", "gallery", "variants", "training", "comfyui"], default=""
+        "--only", choices=["generation", "gallery", "variants", "training", "comfyui", "upscale"], default=""
     )
     args = parser.parse_args()
     ok = True
@@ -150,6 +150,12 @@ def main() -> int:
         from tests.benchmarks.comfy_bench import bench_comfy_section
 
         ok &= bench_comfy_section(args, write_section, COMFY_HEADING, machine())
+    if args.only in ("", "upscale"):
+        from tests.benchmarks.upscale_bench import bench_upscale_section
+
+        text = bench_upscale_section()
+        write_section(args.out, UPSCALE_HEADING, text)
+        ok &= "FAIL" not in text
     return 0 if ok else 1
 
 
@@ -157,7 +163,8 @@ GALLERY_HEADING = "## Gallery (issue 3)"
 VARIANTS_HEADING = "## Variant batches (issue 4)"
 TRAINING_HEADING = "## LoRA training (issue 6)"
 COMFY_HEADING = "## ComfyUI client (issue 7)"
-SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING, TRAINING_HEADING, COMFY_HEADING)
+UPSCALE_HEADING = "## Upscaling (issue 8)"
+SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING, TRAINING_HEADING, COMFY_HEADING, UPSCALE_HEADING)
 # Observed by hand over several runs of the generation section; kept with it when it is rewritten.
 SPREAD_NOTE = """
 ## Run-to-run spread on this machine (hand-written, 2026-11-22)

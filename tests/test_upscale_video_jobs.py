@@ -1,0 +1,61 @@
+"""Upscale and video jobs through the in-process studio: limits from the settings, a generated first frame,
+a video upscaled from the gallery, and no partial file after a failure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from engine.errors import InputError, StudioError
+from engine.media.ffmpeg import probe
+from engine.video import read_metadata
+
+
+def _upload(studio, name: str, size=(64, 48)):
+    root = studio.settings.gradio_tmp_dir / "upscale-jobs"
+    root.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (30, 120, 200)).save(root / name)
+    return str(root / name)
+
+
+def test_the_configured_pixel_limit_refuses_a_large_upscale(studio, monkeypatch):
+    monkeypatch.setattr(studio.settings, "max_upscale_pixels", 100 * 100)
+    job_id, _ = studio.submit_upscale({"images": [_upload(studio, "big.png")], "upscaler": "tiny-compact-x4",
+                                       "scale": 2})  # fmt: skip
+    with pytest.raises(StudioError, match=r"64x48 -> 128x96 px is larger than max_pixels=10000"):
+        studio.run_and_wait(job_id)
+    assert not list(studio.settings.outputs_dir.rglob(f"{job_id[:12]}-*"))  # nothing half-written
+
+
+def test_camera_clip_on_a_generated_first_frame_then_upscaled_from_the_gallery(studio):
+    job_id, _ = studio.submit_video({"mode": "camera", "first_frame_prompt": "a lighthouse at dusk", "width": 64,
+                                     "height": 64, "duration": 1.0, "fps": 8, "camera_moves": "pan_left",
+                                     "seed": 21})  # fmt: skip
+    clip = studio.run_and_wait(job_id)
+    recipe = json.loads(read_metadata(studio.settings.outputs_dir / clip["file"])["comment"])
+    first = studio.generation(recipe["first_frame"]["generated"])
+    assert first.prompt == "a lighthouse at dusk" and first.mode == "txt2img" and first.seed == 21
+    assert clip["frames"] == 8 and (clip["width"], clip["height"]) == (64, 64)
+
+    up_id, _ = studio.submit_upscale({"generation_ids": clip["generation_id"], "upscaler": "Lanczos", "scale": 2})
+    item = studio.run_and_wait(up_id)["items"][0]
+    info = probe(studio.settings.outputs_dir / item["file"])
+    assert item["kind"] == "video" and (info.width, info.height) == (128, 128)
+    assert round(info.duration * info.fps) == 8
+    detail = studio.generation(item["generation_id"])
+    assert detail.mode == "upscale" and detail.recipe["postprocess"][-1]["source_generation"] == clip["generation_id"]
+
+
+def test_video_refusals_before_a_job_exists(studio):
+    with pytest.raises(InputError, match="needs a first frame"):
+        studio.submit_video({"mode": "camera"})
+    with pytest.raises(InputError, match=r"moves=\['spin'\]: unknown"):
+        studio.submit_video({"mode": "camera", "first_frame_prompt": "x", "camera_moves": "spin"})
+    with pytest.raises(InputError, match="video model 'nope' not found; available: "):
+        studio.submit_video({"mode": "txt2video", "model": "nope", "prompt": "x"})
+    with pytest.raises(InputError, match=r"width=70"):
+        studio.submit_video({"mode": "txt2video", "model": "tiny-ltx", "prompt": "x", "width": 70, "height": 64})
+    with pytest.raises(InputError, match="txt2video"):
+        studio.submit_video({"mode": "txt2video", "model": "tiny-svd", "prompt": "x"})
