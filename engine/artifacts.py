@@ -60,14 +60,15 @@ def atomic_write_with(path: Path, writer: Callable[[IO], None]) -> Path:
     return Path(path)
 
 
-def save_png(image, path: Path, text_chunks: dict[str, str]) -> Path:
-    """Save a PIL image as PNG with tEXt/iTXt chunks (A1111 reads `parameters`)."""
+def save_png(image, path: Path, text_chunks: dict[str, str], icc_profile: bytes | None = None) -> Path:
+    """Save a PIL image as PNG with tEXt/iTXt chunks (A1111 reads `parameters`) and an optional ICC profile."""
     from PIL import PngImagePlugin
 
     info = PngImagePlugin.PngInfo()
     for key, value in text_chunks.items():
         info.add_itxt(key, value) if not value.isascii() else info.add_text(key, value)
-    return atomic_write_with(path, lambda f: image.save(f, format="PNG", pnginfo=info, compress_level=4))
+    extra = {"icc_profile": icc_profile} if icc_profile else {}
+    return atomic_write_with(path, lambda f: image.save(f, format="PNG", pnginfo=info, compress_level=4, **extra))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

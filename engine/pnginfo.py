@@ -295,6 +295,11 @@ def _recipe(raw: dict[str, str], notes: list[str]) -> dict | None:
     return recipe
 
 
+def recipe_of(raw: dict[str, str]) -> dict | None:
+    """The StudioNOVA recipe in an image's raw metadata (PNG chunk or XMP), or None."""
+    return _recipe(raw, [])
+
+
 def recipe_from_xmp(xmp: str, notes: list[str] | None = None) -> str | None:
     """The recipe JSON in an XMP packet (element or attribute studionova:recipe), or None."""
     import xml.etree.ElementTree as ET

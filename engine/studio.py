@@ -678,7 +678,7 @@ class Studio:
         values = {k: v for k, v in values.items() if v is not None}
         images = values.get("images") or []
         if isinstance(images, str):
-            images = [p for p in images.replace("\n", ",").split(",") if p.strip()]
+            images = [p.strip() for p in images.replace("\n", ",").split(",") if p.strip()]
         values["images"] = [self.checked_upload(p, "images") for p in images]
         if values.get("video"):
             values["video"] = self.checked_upload(values["video"], "video")
@@ -705,56 +705,83 @@ class Studio:
 
     def submit_video(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         """values: mode (img2video, txt2video, camera), model, base_model (AnimateDiff), prompt, negative_prompt,
-        image (upload) or generation_id (gallery) or first_frame_prompt (generate it), frames, fps, width, height,
-        steps, cfg_scale, seed, motion_strength, decode_chunk_size, loras, camera_moves, camera_strength,
-        duration, interpolate_fps. Every limit of the family is checked here, before a job exists."""
+        image (upload) or generation_id (gallery) or first_frame_prompt (+ first_frame_model: generate it),
+        frames, fps, width, height, steps, cfg_scale, seed, motion_strength, decode_chunk_size, loras,
+        camera_moves, camera_strength, duration, interpolate_fps. Every limit of the family is checked here,
+        before a job exists."""
+        from engine.upscale_job import VIDEO_SUFFIXES
+        from engine.video import VIDEO_FAMILIES
         from engine.video_job import VideoRequest, check_video_request, find_video_model
 
-        values = {k: v for k, v in values.items() if v is not None}
+        values = {k: v for k, v in values.items() if v is not None and k != "first_frame"}  # built here only
         if values.get("seed") is None or int(values["seed"]) == -1:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
         if values.get("image"):
             values["image"] = self.checked_upload(values["image"], "image")
         first_prompt = str(values.pop("first_frame_prompt", "") or "").strip()
         first_model = str(values.pop("first_frame_model", "") or "")
-        mode = values.get("mode", "camera")
-        if first_prompt and mode in ("img2video", "camera") and not (values.get("image") or values.get("generation_id")):
-            values["first_frame"] = self.build_generate_request({
-                "prompt": first_prompt, "negative_prompt": values.get("negative_prompt", ""), "model": first_model,
-                "seed": values["seed"], "width": int(values.get("width") or 512) or 512,
-                "height": int(values.get("height") or 512) or 512})  # fmt: skip
         req = VideoRequest.build(**values)
         family = None
-        image = None
         if req.mode != "camera":
             if not req.model:
                 names = [m["name"] for m in self.video_models()]
                 raise InputError(f"mode={req.mode!r} needs model= a video model; available: {', '.join(names) or 'none'}")
-            model = find_video_model(self.roots.models_dir, req.model)
-            family = model.family
+            family = find_video_model(self.roots.models_dir, req.model).family
             if family == "animatediff":
-                base = self.match_model(req.base_model or "") or self.default_model()
-                self.roots.resolve("diffusers", base, self.roots.list_models())
-                req = VideoRequest.build(**{**req.model_dump(), "base_model": base})
+                values["base_model"] = self._animatediff_base(req.base_model)
                 loras = self.roots.list_files("loras")
                 for spec in req.loras:
                     lora_format(self.roots.resolve("loras", spec.name, loras))
             elif req.loras:
                 raise InputError(f"loras: only AnimateDiff (SD1.5) videos take LoRAs; {req.model!r} is {family}")
-        if req.image:
+        if first_prompt and req.needs_first_frame() and not (req.image or req.generation_id):
+            default_w, default_h = VIDEO_FAMILIES[family].default_size if family else (512, 512)
+            values["first_frame"] = self.build_generate_request({
+                "prompt": first_prompt, "negative_prompt": req.negative_prompt, "model": first_model,
+                "seed": req.seed, "width": req.width or default_w, "height": req.height or default_h})  # fmt: skip
+        req = VideoRequest.build(**values)
+        path = req.image
+        if req.generation_id:
+            d = self.generation(req.generation_id)
+            if not d.file_exists or not d.image_path or d.image_path.lower().endswith(VIDEO_SUFFIXES):
+                raise InputError(f"generation_id={req.generation_id!r} is not an image with its file (a clip "
+                                 "cannot be a first frame)")  # fmt: skip
+            path = d.image_path
+        image = None
+        if path and req.needs_first_frame():
             from PIL import Image
 
             try:
-                with Image.open(req.image) as im:
+                with Image.open(path) as im:
                     image = im.convert("RGB")
             except (OSError, Image.DecompressionBombError) as e:
                 raise InputError(f"image: not a readable image ({e}); allowed: PNG, JPEG, WebP") from None
-        if req.generation_id:
-            d = self.generation(req.generation_id)
-            if not d.file_exists or d.mode in ("img2video", "txt2video", "camera"):
-                raise InputError(f"generation_id={req.generation_id!r} is not an image with its file")
         check_video_request(req, family, image)
         return self.jobs.submit("generate_video", req, owner=owner)
+
+    def _animatediff_base(self, name: str) -> str:
+        """The SD1.5 model AnimateDiff animates: the one named, or the first SD1.5 diffusers folder."""
+        import json
+
+        models = self.roots.list_models()
+
+        def is_sd15(path: Path) -> bool:
+            try:
+                return json.loads((path / "model_index.json").read_text()).get("_class_name") == "StableDiffusionPipeline"
+            except (OSError, ValueError):
+                return False
+
+        if name:
+            base = self.match_model(name) or name
+            path = self.roots.resolve("diffusers", base, models)
+            if path.is_dir() and not is_sd15(path):
+                raise InputError(f"base_model={name!r} is not an SD1.5 model; AnimateDiff motion adapters animate "
+                                 "SD1.5 models (StableDiffusionPipeline folders or SD1 checkpoints)")  # fmt: skip
+            return base
+        for candidate, path in models.items():
+            if path.is_dir() and is_sd15(path):
+                return candidate
+        raise InputError("AnimateDiff needs base_model= an SD1.5 model, and none is in models/diffusers")
 
     # --- media library and variants -----------------------------------------------------------
     @property

@@ -51,6 +51,13 @@ class UpscaleRequest(_Request):
             return [p.strip() for p in v.replace("\n", ",").split(",") if p.strip()]
         return [p for p in v if p] if isinstance(v, list) else v
 
+    @field_validator("tile")
+    @classmethod
+    def _tile(cls, v: int) -> int:
+        if v and v < 64:
+            raise ValueError("must be 0 (chosen from free memory) or 64-4096 input px")
+        return v
+
     @model_validator(mode="after")
     def _check(self):
         if not (self.images or self.generation_ids or self.video):
@@ -150,14 +157,28 @@ def _sources(req: UpscaleRequest, db) -> list[dict]:
 
 
 def _open_image(path: Path):
-    from PIL import Image
+    """(upright PIL image, its metadata): PNG text chunks as they are; A1111 infotext and the recipe of a
+    JPEG/WebP (EXIF UserComment, XMP) under the PNG names, so the upscaled PNG carries them; the ICC profile."""
+    from PIL import Image, ImageOps
+
+    from engine.pnginfo import PARAMETERS_CHUNK, RECIPE_CHUNK, read_image_metadata, recipe_of
 
     try:
         with Image.open(path) as im:
             im.load()
-            return im.copy(), dict(im.info)
+            info = {k: v for k, v in im.info.items() if isinstance(v, str)}
+            icc = im.info.get("icc_profile")
+            image = ImageOps.exif_transpose(im)  # a phone photo is upscaled the way it is shown
     except (OSError, Image.DecompressionBombError) as e:
         raise InputError(f"{path.name}: not a readable image ({e}); allowed: PNG, JPEG, WebP") from None
+    if PARAMETERS_CHUNK not in info or RECIPE_CHUNK not in info:
+        meta = read_image_metadata(path)
+        if meta.infotext and PARAMETERS_CHUNK not in info:
+            info[PARAMETERS_CHUNK] = meta.infotext
+        recipe = recipe_of(meta.raw)
+        if recipe and RECIPE_CHUNK not in info:
+            info[RECIPE_CHUNK] = json.dumps(recipe, ensure_ascii=False)
+    return image, info, icc
 
 
 def _source_recipe(info: dict, generation: dict | None) -> dict:
@@ -187,6 +208,7 @@ class _Upscaler:
 
             if rt.plan.is_gpu:
                 rt.models.unload()  # an image pipeline and the x4 upscaler rarely fit one GPU together
+                free_video_pipelines(rt)
             self.pipe = load_sd_x4(self.path, rt.plan)
         elif self.kind == "model":
             from engine.upscale import inspect_upscaler
@@ -231,7 +253,7 @@ def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> di
     from engine.store import Asset, utcnow
 
     rt, req = ctx.runtime, up.req
-    image, info, source_size = result
+    image, info, icc, source_size = result
     gen = src["generation"]
     recipe = _source_recipe(info, gen)
     step = {"op": "upscale", "upscaler": up.name, "kind": up.kind, "scale": req.scale if not req.width else None,
@@ -251,7 +273,7 @@ def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> di
     chunks[RECIPE_CHUNK] = json.dumps(recipe, ensure_ascii=False)
     day = utcnow().strftime("%Y-%m-%d")
     path = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-upscaled.png"
-    save_png(image, path, chunks)
+    save_png(image, path, chunks, icc_profile=icc)
     asset = Asset(kind="image", path=str(path), sha256=sha256_file(path), size=path.stat().st_size,
                   width=image.width, height=image.height, job_id=ctx.job_id)  # fmt: skip
     row = _generation_row(asset, ctx, gen, recipe, parameters, image.width, image.height, up.name)
@@ -261,8 +283,7 @@ def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> di
         s.add(row)
         index_generation(s, row)
         s.commit()
-    return {"kind": "image", "file": path.relative_to(rt.outputs_dir).as_posix(), "asset_id": asset.id, "generation_id": row.id,
-            "width": image.width, "height": image.height, "source": src["label"]}  # fmt: skip
+    return _item(rt, asset, row, src["label"], up)
 
 
 def _generation_row(asset, ctx: RunContext, gen: dict | None, recipe: dict, infotext: str, width: int, height: int,
@@ -278,12 +299,42 @@ def _generation_row(asset, ctx: RunContext, gen: dict | None, recipe: dict, info
                       infotext=infotext, recipe=recipe, **base)  # fmt: skip
 
 
-def _upscale_video(ctx: RunContext, up: _Upscaler, src: dict, n: int, done_before: int, total: int) -> dict:
+def _item(rt, asset, row, label: str, up: _Upscaler) -> dict:
+    """One result as the job returns it ("file" relative to outputs/, never a server path)."""
+    item = {"kind": asset.kind, "file": Path(asset.path).relative_to(rt.outputs_dir).as_posix(),
+            "asset_id": asset.id, "generation_id": row.id, "width": asset.width, "height": asset.height,
+            "source": label}  # fmt: skip
+    if up.kind == "sd_x4":
+        item["seed"] = up.req.seed
+    return item
+
+
+def _already_done(rt, ctx: RunContext, n: int, label: str, up: _Upscaler) -> dict | None:
+    """A retried job (same id) keeps the items its earlier attempt finished: no second row for one file."""
+    from sqlmodel import select
+
+    from engine.store import Asset, Generation
+
+    if ctx.attempt <= 1:
+        return None
+    marker = f"{ctx.job_id[:12]}-{n:03d}-upscaled."
+    with rt.db.session() as s:
+        for asset in s.exec(select(Asset).where(Asset.job_id == ctx.job_id)):
+            if Path(asset.path).name.startswith(marker) and Path(asset.path).is_file():
+                row = s.exec(select(Generation).where(Generation.asset_id == asset.id)).first()
+                if row is not None:
+                    return _item(rt, asset, row, label, up)
+    return None
+
+
+def _upscale_video(ctx: RunContext, up: _Upscaler, src: dict, n: int, part: RunContext) -> dict:
     from engine.artifacts import sha256_file
-    from engine.gallery import thumbnail_path
+    from engine.gallery import index_generation, thumbnail_path
     from engine.media.ffmpeg import probe
     from engine.store import Asset, utcnow
     from engine.upscale import upscale_video
+    from engine.video import read_metadata
+    from engine.video_job import tag_video
 
     rt, req = ctx.runtime, up.req
     info = probe(src["path"])  # a corrupt or truncated video is refused here, naming the file
@@ -291,42 +342,62 @@ def _upscale_video(ctx: RunContext, up: _Upscaler, src: dict, n: int, done_befor
     out = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-upscaled.mp4"
 
     def progress(done: int, frames: int) -> None:
-        ctx.emit({"step": done_before, "total": total, "desc": f"{src['label']}: frame {done}/{frames}"})
+        part.emit({"step": done, "total": max(frames, 1), "desc": f"{src['label']}: frame {done}/{frames}"})
 
     result = upscale_video(src["path"], out, lambda frame: up.image(frame), timeout=max(600.0, info.duration * 600),
                            cancelled=ctx.is_cancelled, progress=progress)  # fmt: skip
-    gen = src["generation"]
-    recipe = dict((gen or {}).get("recipe") or {})
-    step = {"op": "upscale", "upscaler": up.name, "kind": up.kind, "scale": req.scale if not req.width else None,
-            "target": list(req.target()) if req.target() else None, "source": src["label"],
-            "source_size": [info.width, info.height], "size": [result.width, result.height],
-            "frames_fps": result.fps, "source_generation": gen["id"] if gen else None, "job_id": ctx.job_id}  # fmt: skip
-    recipe = {**recipe, "postprocess": [*recipe.get("postprocess", []), step]}
-    asset = Asset(kind="video", path=str(out), sha256=sha256_file(out), size=out.stat().st_size,
-                  width=result.width, height=result.height, job_id=ctx.job_id)  # fmt: skip
-    row = _generation_row(asset, ctx, gen, recipe, (gen or {}).get("infotext", ""), result.width, result.height,
-                          up.name)  # fmt: skip
-    _video_thumbnail(out, thumbnail_path(out))
-    with rt.db.session() as s:
-        from engine.gallery import index_generation
+    thumb = thumbnail_path(out)
+    try:
+        gen = src["generation"]
+        recipe = dict((gen or {}).get("recipe") or {})
+        if not recipe:  # an uploaded clip: the recipe its own container carries, if any
+            try:
+                recipe = json.loads(read_metadata(src["path"]).get("comment") or "{}")
+            except ValueError:
+                recipe = {}
+            recipe = recipe if isinstance(recipe, dict) else {}
+        step = {"op": "upscale", "upscaler": up.name, "kind": up.kind, "scale": req.scale if not req.width else None,
+                "target": list(req.target()) if req.target() else None, "source": src["label"],
+                "source_size": [info.width, info.height], "size": [result.width, result.height],
+                "fps": result.fps, "source_generation": gen["id"] if gen else None, "job_id": ctx.job_id}  # fmt: skip
+        recipe = {**recipe, "postprocess": [*recipe.get("postprocess", []), step]}
+        tag_video(out, {"comment": json.dumps(recipe, ensure_ascii=False)}, cancelled=ctx.is_cancelled)
+        asset = Asset(kind="video", path=str(out), sha256=sha256_file(out), size=out.stat().st_size,
+                      width=result.width, height=result.height, job_id=ctx.job_id)  # fmt: skip
+        row = _generation_row(asset, ctx, gen, recipe, (gen or {}).get("infotext", ""), result.width,
+                              result.height, up.name)  # fmt: skip
+        video_thumbnail(out, thumb)
+        with rt.db.session() as s:
+            s.add(asset)
+            s.add(row)
+            index_generation(s, row)
+            s.commit()
+    except BaseException:  # no MP4 without its rows
+        out.unlink(missing_ok=True)
+        thumb.unlink(missing_ok=True)
+        raise
+    item = _item(rt, asset, row, src["label"], up)
+    item.update(fps=result.fps, duration=result.duration, has_audio=result.has_audio)
+    return item
 
-        s.add(asset)
-        s.add(row)
-        index_generation(s, row)
-        s.commit()
-    return {"kind": "video", "file": out.relative_to(rt.outputs_dir).as_posix(), "asset_id": asset.id, "generation_id": row.id,
-            "width": result.width, "height": result.height, "fps": result.fps, "duration": result.duration,
-            "has_audio": result.has_audio, "source": src["label"]}  # fmt: skip
 
-
-def _video_thumbnail(video: Path, thumb: Path) -> None:
-    """The gallery's thumbnail of a video: an animated WebP preview (a poster frame if that fails)."""
+def video_thumbnail(video: Path, thumb: Path) -> None:
+    """The gallery's thumbnail of a video: an animated WebP preview (a poster frame if that fails or takes too
+    long, as it may for a long clip)."""
+    from engine.errors import TransientError
     from engine.video import animated_preview, poster_frame
 
     try:
         animated_preview(video, thumb)
-    except InputError:
+    except (InputError, TransientError):
         poster_frame(video, thumb)
+
+
+def free_video_pipelines(rt) -> None:
+    """Before another big pipeline takes the GPU: drop a loaded video pipeline (the Video tab reloads it)."""
+    pipes = getattr(rt, "video_pipes", None)
+    if pipes is not None and rt.plan.is_gpu:
+        pipes.unload()
 
 
 def run_upscale_job(req: UpscaleRequest, ctx: RunContext) -> dict:
@@ -337,15 +408,19 @@ def run_upscale_job(req: UpscaleRequest, ctx: RunContext) -> dict:
     total = len(sources)
     for n, src in enumerate(sources):
         ctx.check_cancelled()
-        if src["kind"] == "video" or src["path"].suffix.lower() in VIDEO_SUFFIXES:
-            results.append(_upscale_video(ctx, up, src, n, n, total))
+        part = ctx.part(n, total, "item")  # tiles or frames of this item, on the whole job's bar
+        done = _already_done(rt, ctx, n, src["label"], up)
+        if done is not None:
+            results.append(done)
+        elif src["kind"] == "video" or src["path"].suffix.lower() in VIDEO_SUFFIXES:
+            results.append(_upscale_video(ctx, up, src, n, part))
         else:
-            image, info = _open_image(src["path"])
+            image, info, icc = _open_image(src["path"])
 
-            def tiles(done: int, count: int, n=n, label=src["label"]) -> None:
-                ctx.emit({"step": n, "total": total, "desc": f"{label}: tile {done}/{count}"})
+            def tiles(count_done: int, count: int, part=part, label=src["label"]) -> None:
+                part.emit({"step": count_done, "total": max(count, 1), "desc": f"{label}: tile {count_done}/{count}"})
 
             out = up.image(image, progress=tiles)
-            results.append(_save_image(ctx, up, src, (out, info, image.size), n))
+            results.append(_save_image(ctx, up, src, (out, info, icc, image.size), n))
         ctx.emit({"step": n + 1, "total": total, "desc": f"upscaled {n + 1}/{total}", "item": results[-1]})
-    return {"items": results, "upscaler": up.name}
+    return {"items": results, "upscaler": up.name, "seed": req.seed if up.kind == "sd_x4" else None}

@@ -73,12 +73,15 @@ def check_video_request(req: VideoRequest, family_key: str | None, image=None) -
     if req.needs_first_frame() and not (req.image or req.generation_id or req.first_frame):
         raise InputError(f"mode={req.mode!r} needs a first frame: upload an image, pick a gallery generation "
                          "or give a prompt to generate one")  # fmt: skip
-    if req.interpolate_fps and req.interpolate_fps < 2:
-        raise InputError(f"interpolate_fps={req.interpolate_fps}: 0 (off) or 2-120")
     if req.mode == "camera":
-        MotionSpec(Path("first-frame.png"), moves=req.camera_moves, strength=req.camera_strength,
-                   duration=req.duration, fps=req.fps or 24,
-                   size=(req.width, req.height) if req.width and req.height else None)  # fmt: skip
+        try:
+            MotionSpec(Path("first-frame.png"), moves=req.camera_moves, strength=req.camera_strength,
+                       duration=req.duration, fps=req.fps or 24,
+                       size=(req.width, req.height) if req.width and req.height else None)  # fmt: skip
+        except InputError as e:  # name the request's fields, not MotionSpec's
+            text = str(e).replace("moves=", "camera_moves=").replace("strength=", "camera_strength=")
+            raise InputError(text.replace("size=", "width x height=")) from None
+        _check_interpolation(req, req.fps or 24)
         return
     from PIL import Image
 
@@ -89,7 +92,14 @@ def check_video_request(req: VideoRequest, family_key: str | None, image=None) -
         w = req.width or (req.first_frame.width if req.first_frame else 0) or 64
         h = req.height or (req.first_frame.height if req.first_frame else 0) or 64
         stand_in = Image.new("RGB", (w, h))
-    check_video_spec(_spec(req, family_key or "", stand_in if req.mode == "img2video" else None))
+    spec = check_video_spec(_spec(req, family_key or "", stand_in if req.mode == "img2video" else None))
+    _check_interpolation(req, spec.fps)
+
+
+def _check_interpolation(req: VideoRequest, fps: int) -> None:
+    if req.interpolate_fps and not fps < req.interpolate_fps <= 120:
+        raise InputError(f"interpolate_fps={req.interpolate_fps}: must be above the clip's {fps} fps and at most 120 "
+                         "(0 = off)")  # fmt: skip
 
 
 def _spec(req: VideoRequest, family: str, image):
@@ -138,7 +148,7 @@ def _first_frame(req: VideoRequest, ctx: RunContext) -> tuple[Any, dict]:
         path, source = Path(first.path), {"generated": first.generation_id, "seed": first.seed}
     try:
         with Image.open(path) as im:
-            return im.convert("RGB"), {**source, "path": str(path)}
+            return im.convert("RGB"), {**source, "name": path.name}
     except (OSError, Image.DecompressionBombError) as e:
         raise InputError(f"{path.name}: not a readable image ({e})") from None
 
@@ -251,7 +261,7 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
     from engine.gallery import index_generation, thumbnail_path
     from engine.media.ffmpeg import probe
     from engine.store import Asset, Generation, utcnow
-    from engine.upscale_job import _video_thumbnail
+    from engine.upscale_job import free_video_pipelines, video_thumbnail
     from engine.video import interpolate_fps, write_mp4
 
     rt = ctx.runtime
@@ -263,6 +273,11 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
     recipe: dict[str, Any] = {"app": "StudioNOVA", "version": rt.version, "job_id": ctx.job_id, "mode": req.mode,
                               "request": req.model_dump(mode="json"), "seed": req.seed, "first_frame": source,
                               "device": rt.plan.device, "dtype": rt.plan.dtype}  # fmt: skip
+    if req.interpolate_fps:
+        recipe["interpolated_fps"] = req.interpolate_fps
+    done = _already_done(rt, ctx, out)
+    if done is not None:
+        return done
     staged = out.with_name(f"{TMP_PREFIX}{out.stem}-raw.mp4")
     try:
         if req.mode == "camera":
@@ -280,43 +295,72 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
         recipe.update(detail)
         infotext = _infotext(req, detail, rt.version)
         if req.mode == "camera":  # render_motion writes no tags: add them while remuxing (no re-encode)
-            _tag(staged, {"comment": json.dumps(recipe, ensure_ascii=False), "description": infotext,
-                          "title": (req.prompt or "camera")[:200]})  # fmt: skip
+            tag_video(staged, {"comment": json.dumps(recipe, ensure_ascii=False), "description": infotext,
+                          "title": (req.prompt or "camera")[:200]}, cancelled=ctx.is_cancelled)  # fmt: skip
         if req.interpolate_fps:
             ctx.check_cancelled()
             interpolate_fps(staged, out, req.interpolate_fps, cancelled=ctx.is_cancelled)
-            recipe["interpolated_fps"] = req.interpolate_fps
         else:
             staged.replace(out)
     finally:
         staged.unlink(missing_ok=True)
-    info = probe(out)
-    _video_thumbnail(out, thumbnail_path(out))
-    asset = Asset(kind="video", path=str(out), sha256=sha256_file(out), size=out.stat().st_size,
-                  width=info.width, height=info.height, job_id=ctx.job_id)  # fmt: skip
-    prompt = req.prompt or (req.first_frame.prompt if req.first_frame else "")
-    gen = Generation(asset_id=asset.id, job_id=ctx.job_id, mode=req.mode, model=detail.get("model") or req.mode,
-                     model_hash="", prompt=prompt, negative_prompt=req.negative_prompt, seed=req.seed,
-                     steps=int(detail.get("steps") or 0), cfg_scale=float(detail.get("cfg_scale") or 0),
-                     sampler=detail.get("scheduler", ""), width=info.width, height=info.height,
-                     loras=detail.get("loras") or [], infotext=infotext, recipe=recipe)  # fmt: skip
+    thumb = thumbnail_path(out)
+    try:
+        info = probe(out)
+        video_thumbnail(out, thumb)
+        asset = Asset(kind="video", path=str(out), sha256=sha256_file(out), size=out.stat().st_size,
+                      width=info.width, height=info.height, job_id=ctx.job_id)  # fmt: skip
+        prompt = req.prompt or (req.first_frame.prompt if req.first_frame else "")
+        gen = Generation(asset_id=asset.id, job_id=ctx.job_id, mode=req.mode, model=detail.get("model") or req.mode,
+                         model_hash="", prompt=prompt, negative_prompt=req.negative_prompt, seed=req.seed,
+                         steps=int(detail.get("steps") or 0), cfg_scale=float(detail.get("cfg_scale") or 0),
+                         sampler=detail.get("scheduler", ""), width=info.width, height=info.height,
+                         loras=detail.get("loras") or [], infotext=infotext, recipe=recipe)  # fmt: skip
+        with rt.db.session() as s:
+            s.add(asset)
+            s.add(gen)
+            index_generation(s, gen)
+            s.commit()
+    except BaseException:  # no MP4 without its rows
+        out.unlink(missing_ok=True)
+        thumb.unlink(missing_ok=True)
+        raise
+    finally:
+        free_video_pipelines(rt)  # on a GPU, the next image job needs the memory back
+    return _result(rt, asset, gen, info)
+
+
+def _result(rt, asset, gen, info) -> dict:
+    return {"file": Path(asset.path).relative_to(rt.outputs_dir).as_posix(), "asset_id": asset.id,
+            "generation_id": gen.id, "frames": round(info.duration * info.fps), "fps": info.fps,
+            "duration": round(info.duration, 3), "width": info.width, "height": info.height, "seed": gen.seed,
+            "family": (gen.recipe or {}).get("family"), "infotext": gen.infotext}  # fmt: skip
+
+
+def _already_done(rt, ctx: RunContext, out: Path) -> dict | None:
+    """A retried job (same id) whose earlier attempt saved its clip returns it, adding no second row."""
+    from sqlmodel import select
+
+    from engine.media.ffmpeg import probe
+    from engine.store import Asset, Generation
+
+    if ctx.attempt <= 1:
+        return None
     with rt.db.session() as s:
-        s.add(asset)
-        s.add(gen)
-        index_generation(s, gen)
-        s.commit()
-    return {"file": out.relative_to(rt.outputs_dir).as_posix(), "asset_id": asset.id, "generation_id": gen.id,
-            "frames": round(info.duration * info.fps), "fps": info.fps, "duration": round(info.duration, 3),
-            "width": info.width, "height": info.height, "seed": req.seed, "family": detail.get("family"),
-            "infotext": infotext}  # fmt: skip
+        for asset in s.exec(select(Asset).where(Asset.job_id == ctx.job_id, Asset.kind == "video")):
+            gen = s.exec(select(Generation).where(Generation.asset_id == asset.id)).first()
+            if gen is not None and Path(asset.path).is_file():
+                return _result(rt, asset, gen, probe(asset.path))
+    return None
 
 
-def _tag(path: Path, metadata: dict[str, str]) -> None:
-    """Add container tags by remuxing (streams copied, nothing re-encoded) over `path`, atomically."""
+def tag_video(path: Path, metadata: dict[str, str], cancelled=None) -> None:
+    """Set container tags by remuxing (streams copied, nothing re-encoded) over `path`, atomically."""
     from engine.media.ffmpeg import media_input, run_ffmpeg, staged_output
 
-    args = ["-i", media_input(path), "-map", "0", "-c", "copy"]
+    args = ["-i", media_input(path), "-map", "0", "-c", "copy", "-map_metadata", "0"]
     for key, value in metadata.items():
         args += ["-metadata", f"{key}={value}"]
     with staged_output(path) as tmp:
-        run_ffmpeg([*args, "-movflags", "+faststart", "-f", "mp4", "-y", f"file:{tmp}"], timeout=120)
+        run_ffmpeg([*args, "-movflags", "+faststart", "-f", "mp4", "-y", f"file:{tmp}"], timeout=300,
+                   cancelled=cancelled)  # fmt: skip

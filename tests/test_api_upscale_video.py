@@ -76,6 +76,8 @@ def test_upscale_refusals_name_the_value(client, tmp_path):
         client.predict(images=[handle_file(str(src))], upscaler="nope", api_name="/upscale")
     with pytest.raises(Exception, match="nothing to upscale"):
         client.predict(upscaler="Lanczos", api_name="/upscale")
+    with pytest.raises(Exception, match=r"tile.*must be 0 \(chosen from free memory\) or 64-4096"):
+        client.predict(images=[handle_file(str(src))], upscaler="Lanczos", tile=32, api_name="/upscale")
     with pytest.raises(Exception, match="noise_level"):
         client.predict(images=[handle_file(str(src))], upscaler="SD x4: tiny-sd-x4", noise_level=400,
                        api_name="/upscale")  # fmt: skip
@@ -113,6 +115,16 @@ def test_camera_clip_from_an_upload_with_the_recipe_in_its_metadata(client, tmp_
     assert summary["frames"] == 12 and generation_id == summary["generation_id"]
     recipe = json.loads(read_metadata(_path(video))["comment"])
     assert recipe["mode"] == "camera" and recipe["seed"] == 5 and recipe["moves"] == ["zoom_in"]
+    assert recipe["first_frame"] == {"image": "still.png", "name": "still.png"}  # no server path in a shared file
+    # moves combined with "+" as one string (what a script sends), and a refused interpolation target
+    video, summary, *_ = client.predict(mode="camera", image=handle_file(str(src)), camera_moves="zoom_out+pan_left",
+                                        duration=1.0, fps=8, api_name="/generate_video")  # fmt: skip
+    assert json.loads(read_metadata(_path(video))["comment"])["moves"] == ["zoom_out", "pan_left"]
+    with pytest.raises(Exception, match=r"interpolate_fps=8: must be above the clip's 8 fps"):
+        client.predict(mode="camera", image=handle_file(str(src)), duration=1.0, fps=8, interpolate_fps=8,
+                       api_name="/generate_video")  # fmt: skip
+    with pytest.raises(Exception, match=r"camera_moves=\['spin'\]: unknown"):
+        client.predict(mode="camera", image=handle_file(str(src)), camera_moves="spin", api_name="/generate_video")
 
 
 def test_video_models_and_families(client):

@@ -59,3 +59,26 @@ def test_video_refusals_before_a_job_exists(studio):
         studio.submit_video({"mode": "txt2video", "model": "tiny-ltx", "prompt": "x", "width": 70, "height": 64})
     with pytest.raises(InputError, match="txt2video"):
         studio.submit_video({"mode": "txt2video", "model": "tiny-svd", "prompt": "x"})
+
+
+def test_jpeg_metadata_and_orientation_survive_an_upscale(studio):
+    """A1111 infotext in a JPEG's EXIF UserComment (as engine.pnginfo writes it, piexif's layout) reaches the
+    upscaled PNG's parameters; an EXIF-rotated photo (orientation 6: shown turned 90 degrees) comes out upright."""
+    from engine.pnginfo import save_image
+
+    root = studio.settings.gradio_tmp_dir / "upscale-jobs"
+    root.mkdir(parents=True, exist_ok=True)
+    text = "a red fox\nSteps: 4, Sampler: Euler a, Seed: 9, Size: 40x24"
+    jpeg = save_image(Image.new("RGB", (40, 24), (200, 30, 30)), root / "fox.jpg", text, None, "jpeg").path
+    job_id, _ = studio.submit_upscale({"images": [str(jpeg)], "upscaler": "Lanczos", "scale": 2})
+    item = studio.run_and_wait(job_id)["items"][0]
+    with Image.open(studio.settings.outputs_dir / item["file"]) as im:
+        assert im.size == (80, 48) and im.info["parameters"] == text
+
+    rotated = root / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 24), (10, 200, 10)).save(rotated, exif=exif.tobytes())
+    job_id, _ = studio.submit_upscale({"images": [str(rotated)], "upscaler": "Lanczos", "scale": 2})
+    item = studio.run_and_wait(job_id)["items"][0]
+    assert (item["width"], item["height"]) == (48, 80)

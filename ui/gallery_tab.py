@@ -7,13 +7,12 @@ import json
 
 import gradio as gr
 
+from engine.gallery import MODES
+from engine.upscale_job import VIDEO_SUFFIXES
 from ui.common import PRIVATE, UIContext, engine_errors
 from ui.send import form_targets, form_updates
 
 PAGE_SIZE = 50
-
-
-VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".webm")
 
 
 def build(ctx: UIContext) -> dict:
@@ -24,8 +23,7 @@ def build(ctx: UIContext) -> dict:
                             allow_custom_value=True)  # fmt: skip
         lora = gr.Dropdown(["", *studio.lora_names()], value="", label="LoRA", allow_custom_value=True)
         character = gr.Textbox(label="Character", value="")
-        mode = gr.Dropdown(["", "txt2img", "img2img", "inpaint", "outpaint", "upscale", "img2video", "txt2video",
-                            "camera"], value="", label="Mode")  # fmt: skip
+        mode = gr.Dropdown(["", *MODES], value="", label="Mode")
     with gr.Row():
         date_from = gr.Textbox(label="From (YYYY-MM-DD)", value="")
         date_to = gr.Textbox(label="To (YYYY-MM-DD)", value="")
@@ -142,6 +140,10 @@ def build(ctx: UIContext) -> dict:
         if not generation_id:
             raise gr.Error("select an image first", title="Nothing selected")
         with engine_errors():
+            d = studio.generation(generation_id)
+            if str(d.image_path or "").lower().endswith(VIDEO_SUFFIXES):
+                raise gr.Error(f"generation {generation_id} is a clip; export converts images (png, jpeg, webp)",
+                               title="Not an image")  # fmt: skip
             return str(studio.export_image(generation_id, format))
 
     export_btn.click(export_image, [selected, export_format], [exported], api_name="export_image")
@@ -152,6 +154,9 @@ def build(ctx: UIContext) -> dict:
         def params_of(record: dict | None) -> dict:
             if not record:
                 raise gr.Error("select an image first", title="Nothing selected")
+            if str(record.get("image_path") or "").lower().endswith(VIDEO_SUFFIXES):
+                raise gr.Error(f"this is a clip (mode {record.get('mode')}); its settings are not an image's: open "
+                               "it in the Video tab or send it to upscale", title="Not an image")  # fmt: skip
             return dict((record.get("recipe") or {}).get("request") or {}, seed=record["seed"])
 
         def reuse_params(record: dict | None):
@@ -169,4 +174,4 @@ def build(ctx: UIContext) -> dict:
             lambda path: gr.update(value={"background": path, "layers": [], "composite": path}) if path else gr.skip(),
             [image], [ctx.form["_editor"]], **PRIVATE)  # fmt: skip
     return {"selected": selected, "ids": ids, "send_upscale": send_upscale, "send_page_upscale": send_page_upscale,
-            "send_video": send_video}
+            "send_video": send_video, "detail": detail}

@@ -87,8 +87,8 @@ def build(ctx: UIContext) -> dict:
         a Real-ESRGAN family model (see /upscale_models) or 'SD x4: <model>' (prompt, noise_level, steps,
         cfg_scale, seed). scale (e.g. 2 from a 4x model) or width+height. Results keep the source's metadata
         and add the upscale step. Returns the images, the video and a summary (job id, items)."""
-        values = dict(images=[str(p) for p in (images or [])], video=video or None,
-                      generation_ids=generation_ids or "", upscaler=upscaler or "Lanczos", scale=float(scale or 0),
+        ids = ", ".join(generation_ids) if isinstance(generation_ids, list) else (generation_ids or "")
+        values = dict(images=[str(p) for p in (images or [])], video=video or None, generation_ids=ids, upscaler=upscaler or "Lanczos", scale=float(scale or 0),
                       width=int(width or 0), height=int(height or 0), tile=int(tile or 0), prompt=prompt or "",
                       negative_prompt=negative_prompt or "", noise_level=int(noise_level), steps=int(steps),
                       cfg_scale=float(cfg_scale), seed=int(seed if seed is not None else -1))  # fmt: skip
@@ -126,9 +126,9 @@ def build(ctx: UIContext) -> dict:
             return studio.upscalers()
 
     hidden = gr.JSON(visible=False)
-    list_btn.click(upscale_models, None, [hidden], api_name="upscale_models")
-    list_btn.click(lambda: [[r["name"], r["kind"], r["architecture"], r["scale"], r["error"]] for r in
-                            studio.upscalers()], None, [table], **PRIVATE)  # fmt: skip
+    list_btn.click(upscale_models, None, [hidden], api_name="upscale_models").success(
+        lambda rows: [[r["name"], r["kind"], r["architecture"], r["scale"], r["error"]] for r in rows or []],
+        [hidden], [table], **PRIVATE)  # fmt: skip
     refresh.click(lambda: gr.update(choices=upscaler_names()), None, [upscaler], **PRIVATE)
     return {"generation_ids": generation_ids, "video": video, "images": images}
 

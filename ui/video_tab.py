@@ -11,6 +11,7 @@ import inspect
 import gradio as gr
 
 from engine.media.motion import MOVES
+from engine.upscale_job import VIDEO_SUFFIXES
 from engine.video_job import VIDEO_MODES
 from ui.common import (
     JOBS_CONCURRENCY_ID,
@@ -50,6 +51,9 @@ def build(ctx: UIContext) -> dict:
                                                elem_id="video_generation_id")  # fmt: skip
                     first_frame_prompt = gr.Textbox(label="…or generate the first frame from this prompt", value="",
                                                     elem_id="video_first_prompt")  # fmt: skip
+                    first_frame_model = gr.Dropdown(["", *[n for _, n in studio.model_choices()]], value="",
+                                                    label="First-frame model (empty = default)",
+                                                    allow_custom_value=True)  # fmt: skip
             with gr.Row():
                 frames = gr.Number(value=0, precision=0, minimum=0, maximum=1000, label="Frames (0 = default)")
                 fps = gr.Number(value=0, precision=0, minimum=0, maximum=60, label="FPS (0 = default)",
@@ -67,7 +71,7 @@ def build(ctx: UIContext) -> dict:
                                          label="Decode chunk (SVD; 0 = auto)")  # fmt: skip
             with gr.Accordion("Camera motion", open=True), gr.Row():
                 moves = gr.Dropdown(list(MOVES), value=["zoom_in"], multiselect=True, label="Moves",
-                                    elem_id="video_moves")  # fmt: skip
+                                    allow_custom_value=True, elem_id="video_moves")  # fmt: skip
                 strength = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="Camera strength")
                 duration = gr.Number(value=4.0, minimum=0.5, maximum=120, label="Seconds",
                                      elem_id="video_duration")  # fmt: skip
@@ -95,24 +99,25 @@ def build(ctx: UIContext) -> dict:
 
     def generate_video(mode: str = "camera", model: str = "", base_model: str = "", prompt: str = "",
                        negative_prompt: str = "", image: str | None = None, generation_id: str = "",
-                       first_frame_prompt: str = "", frames: float = 0, fps: float = 0, width: float = 0,
+                       first_frame_prompt: str = "", first_frame_model: str = "", frames: float = 0, fps: float = 0, width: float = 0,
                        height: float = 0, steps: float = 0, cfg_scale: float = 0, seed: float = -1,
                        motion_strength: float = 0.5, loras: str = "", decode_chunk_size: float = 0,
                        camera_moves: list[str] | None = None, camera_strength: float = 0.25, duration: float = 4.0,
                        interpolate_fps: float = 0, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
         """Make a clip. mode img2video (SVD, LTX-Video; first frame from image, generation_id or
-        first_frame_prompt), txt2video (LTX-Video, AnimateDiff on base_model with loras) or camera (a camera
+        first_frame_prompt with first_frame_model), txt2video (LTX-Video, AnimateDiff on base_model with loras) or camera (a camera
         move over the first frame, no weights). 0 = the family's default for frames, fps, size, steps, cfg.
         Returns the MP4 (H.264, recipe in its metadata) and a summary (generation id, frames, fps, size)."""
         moves = camera_moves if isinstance(camera_moves, list) else [m for m in str(camera_moves or "").split("+") if m]
         values = dict(mode=mode or "camera", model=model or "", base_model=base_model or "", prompt=prompt or "",
                       negative_prompt=negative_prompt or "", image=image or None, generation_id=generation_id or "",
-                      first_frame_prompt=first_frame_prompt or "", frames=int(frames or 0), fps=int(fps or 0),
+                      first_frame_prompt=first_frame_prompt or "", first_frame_model=first_frame_model or "",
+                      frames=int(frames or 0), fps=int(fps or 0),
                       width=int(width or 0), height=int(height or 0), steps=int(steps or 0),
                       cfg_scale=float(cfg_scale or 0), seed=int(seed if seed is not None else -1),
                       motion_strength=float(motion_strength), loras=loras or "",
                       decode_chunk_size=int(decode_chunk_size or 0), camera_moves="+".join(moves) or "static",
-                      camera_strength=float(camera_strength), duration=float(duration or 4.0),
+                      camera_strength=float(camera_strength), duration=float(4.0 if duration is None else duration),
                       interpolate_fps=int(interpolate_fps or 0))  # fmt: skip
         with engine_errors():
             jid, token = studio.submit_video(values, owner=username(request))
@@ -131,7 +136,8 @@ def build(ctx: UIContext) -> dict:
                 raise gr.Error(f"job {jid} {event['type']}: {event.get('error', '')}", title="Video failed")
 
     fields = dict(mode=mode, model=model, base_model=base_model, prompt=prompt, negative_prompt=negative, image=image,
-                  generation_id=generation_id, first_frame_prompt=first_frame_prompt, frames=frames, fps=fps,
+                  generation_id=generation_id, first_frame_prompt=first_frame_prompt,
+                  first_frame_model=first_frame_model, frames=frames, fps=fps,
                   width=width, height=height, steps=steps, cfg_scale=cfg, seed=seed, motion_strength=motion,
                   loras=loras, decode_chunk_size=decode_chunk, camera_moves=moves, camera_strength=strength,
                   duration=duration, interpolate_fps=interpolate)  # fmt: skip
@@ -155,12 +161,13 @@ def build(ctx: UIContext) -> dict:
     hidden = gr.JSON(visible=False)
     refresh.click(video_models, None, [hidden], api_name="video_models")
     refresh.click(lambda: (gr.update(choices=["", *model_names()]),
+                           gr.update(choices=["", *[n for _, n in studio.model_choices()]]),
                            gr.update(choices=["", *[n for _, n in studio.model_choices()]])), None,
-                  [model, base_model], **PRIVATE)  # fmt: skip
+                  [model, base_model, first_frame_model], **PRIVATE)  # fmt: skip
     families_btn = gr.Button(visible=False)
     families_btn.click(video_families, None, [families], api_name="video_families")
     return {"send_upscale": send_upscale, "generation_id": result_id, "image": image,
-            "generation_input": generation_id}
+            "generation_input": generation_id, "mode": mode}
 
 
 def wire_first_frame(ctx: UIContext, video_tab: dict, gallery: dict | None) -> None:
@@ -168,9 +175,14 @@ def wire_first_frame(ctx: UIContext, video_tab: dict, gallery: dict | None) -> N
     if gallery is None:
         return
 
-    def send(generation_id: str):
+    def send(generation_id: str, mode: str, record: dict | None):
         if not generation_id:
             raise gr.Error("select an image in the gallery first", title="Nothing selected")
-        return generation_id, gr.Tabs(selected="video")
+        if str((record or {}).get("image_path") or "").lower().endswith(VIDEO_SUFFIXES):
+            raise gr.Error("a clip cannot be a first frame: pick an image", title="Not an image")
+        # the gallery image replaces an uploaded one, and needs a mode that takes a first frame
+        return generation_id, None, "img2video" if mode == "txt2video" else mode, gr.Tabs(selected="video")
 
-    gallery["send_video"].click(send, [gallery["selected"]], [video_tab["generation_input"], ctx.tabs], **PRIVATE)
+    gallery["send_video"].click(send, [gallery["selected"], video_tab["mode"], gallery["detail"]],
+                                [video_tab["generation_input"], video_tab["image"], video_tab["mode"], ctx.tabs],
+                                **PRIVATE)  # fmt: skip
