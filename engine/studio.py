@@ -685,7 +685,11 @@ class Studio:
         if values.get("seed") is not None and int(values["seed"]) == -1:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
         req = UpscaleRequest.build(**values)
-        resolve_upscaler(self.roots, req.upscaler)  # unknown upscaler: refused before a job exists
+        kind, path = resolve_upscaler(self.roots, req.upscaler)  # unknown upscaler: refused before a job exists
+        if kind == "model":
+            from engine.upscale import inspect_upscaler
+
+            inspect_upscaler(path, req.upscaler)  # a file spandrel cannot read: likewise (cached by size + mtime)
         _sources(req, self.db)  # unknown or deleted generations: likewise
         return self.jobs.submit("upscale", req, owner=owner)
 

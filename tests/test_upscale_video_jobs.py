@@ -82,3 +82,16 @@ def test_jpeg_metadata_and_orientation_survive_an_upscale(studio):
     job_id, _ = studio.submit_upscale({"images": [str(rotated)], "upscaler": "Lanczos", "scale": 2})
     item = studio.run_and_wait(job_id)["items"][0]
     assert (item["width"], item["height"]) == (48, 80)
+
+
+def test_an_upscale_model_of_unknown_architecture_is_refused_before_a_job(studio):
+    from tests.upscale_factories import save_unknown_model
+
+    path = save_unknown_model(studio.settings.models_dir / "upscale_models" / "mystery.safetensors")
+    try:
+        row = next(r for r in studio.upscalers() if r["name"] == "mystery")
+        assert row["error"] and "mystery" in row["error"]
+        with pytest.raises(InputError, match="mystery"):
+            studio.submit_upscale({"images": [_upload(studio, "m.png")], "upscaler": "mystery"})
+    finally:
+        path.unlink()

@@ -21,12 +21,6 @@ from pathlib import Path
 CLIP_S = 10.0
 ROW1_TARGET = 1.10
 ROW2_TARGET = 5.0
-# Observed by hand on the 2-core VM (kept with the section when it is rewritten).
-SPREAD = (
-    "Run-to-run spread seen here (2026-11-22, two full runs): row 1 1.04x and 1.14x; row 2 3.98x and "
-    "5.33x. One render of these variants is the same ffmpeg command on both sides (about 3.8 s each; the "
-    "engine adds two probes, the hook PNG, an asset row and the ZIP), so row 1 moves with this VM's noise."
-)
 
 
 def _ff(*args: str) -> None:
