@@ -48,6 +48,16 @@ def build_tokenizer():
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
 
 
+def build_text_encoder(**overrides):
+    """The demo's CLIP text encoder (diffusers test sizes), matching build_tokenizer's 514-token vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = dict(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
+                  layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5, vocab_size=514,
+                  max_position_embeddings=77)  # fmt: skip
+    return CLIPTextModel(CLIPTextConfig(**{**config, **overrides}))
+
+
 def build_demo_pipeline():
     """The pipeline object with deterministic random weights (diffusers test sizes)."""
     import torch
@@ -57,8 +67,6 @@ def build_demo_pipeline():
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     torch.manual_seed(DEMO_SEED)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -80,20 +88,7 @@ def build_demo_pipeline():
         latent_channels=4,
         sample_size=64,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=514,
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = build_text_encoder()
     scheduler = EulerAncestralDiscreteScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         steps_offset=1,

@@ -124,9 +124,8 @@ def build_sd_x4_pipeline():
         StableDiffusionUpscalePipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    from engine.demo_model import build_tokenizer
+    from engine.demo_model import build_text_encoder, build_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -154,22 +153,7 @@ def build_sd_x4_pipeline():
         scaling_factor=0.08333,
     )
     torch.manual_seed(0)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-            hidden_size=32,
-            intermediate_size=37,
-            layer_norm_eps=1e-05,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=514,
-            max_position_embeddings=77,
-            hidden_act="gelu",
-            projection_dim=512,
-        )
-    )
+    text_encoder = build_text_encoder(hidden_act="gelu", projection_dim=512)
     return StableDiffusionUpscalePipeline(
         vae=vae,
         text_encoder=text_encoder,
