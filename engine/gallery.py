@@ -220,6 +220,15 @@ def index_generation(session, generation: Generation) -> None:
         session.add(GenerationLora(generation_id=generation.id, name=name))
 
 
+def add_generation(db: Database, asset: Asset, generation: Generation) -> None:
+    """Record a saved output: its Asset, its Generation and the gallery's index rows, in one transaction."""
+    with db.session() as s:
+        s.add(asset)
+        s.add(generation)
+        index_generation(s, generation)
+        s.commit()
+
+
 def backfill_lora_index(db: Database, batch: int = 1000) -> int:
     """Index rows for generations saved before GenerationLora existed; returns how many were indexed.
     Cheap when there is nothing to do; safe to run at every start."""

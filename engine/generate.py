@@ -16,7 +16,7 @@ from typing import Any
 from engine import modes
 from engine.artifacts import save_png, sha256_file
 from engine.errors import InputError
-from engine.gallery import ensure_thumbnail, index_generation
+from engine.gallery import add_generation, ensure_thumbnail
 from engine.infotext import build_infotext
 from engine.jobs import RunContext
 from engine.pnginfo import RECIPE_CHUNK
@@ -398,11 +398,7 @@ def save_generated(req, ctx: RunContext, model, extras: dict, seed: int, image, 
                      clip_skip=req.clip_skip, loras=recipe["loras"], infotext=infotext, recipe=recipe,
                      character=req.character.slug if req.character else None)  # fmt: skip
     ensure_thumbnail(path)  # the gallery never opens full images
-    with rt.db.session() as s:
-        s.add(asset)
-        s.add(gen)
-        index_generation(s, gen)
-        s.commit()
+    add_generation(rt.db, asset, gen)
     if req.dataset_review and req.character is not None:
         from engine.characters import Characters
         from engine.datasets import Datasets

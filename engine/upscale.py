@@ -727,7 +727,14 @@ def upscale_video(src: Path, out: Path, frame_fn: Callable, *, timeout: float = 
     when whole. Returns probe(out). progress(done_frames, total_frames) after each frame."""
     import av
 
-    from engine.media.ffmpeg import INPUT_OPTIONS, OUTPUT_FORMATS, media_input, probe, staged_output
+    from engine.media.ffmpeg import (
+        INPUT_OPTIONS,
+        OUTPUT_FORMATS,
+        check_same_duration,
+        media_input,
+        probe,
+        staged_output,
+    )
 
     src, out = Path(src), Path(out)
     fmt = OUTPUT_FORMATS.get(out.suffix.lower())
@@ -780,11 +787,7 @@ def upscale_video(src: Path, out: Path, frame_fn: Callable, *, timeout: float = 
 
             _encode(args, outputs(), timeout, cancelled, progress, total)
         result = probe(tmp)
-        if abs(result.duration - info.duration) > max(0.25, 2 / (info.fps or 25)):
-            raise InputError(
-                f"video {src.name!r}: the upscaled video lasts {result.duration:.2f}s, not {info.duration:.2f}s;"
-                " the source is probably damaged"
-            )
+        check_same_duration(result, info, src.name, "upscaled video")
     result.path = out
     return result
 

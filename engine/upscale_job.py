@@ -248,7 +248,7 @@ def _cache(rt):
 
 def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> dict:
     from engine.artifacts import save_png, sha256_file
-    from engine.gallery import ensure_thumbnail, index_generation
+    from engine.gallery import add_generation, ensure_thumbnail
     from engine.pnginfo import PARAMETERS_CHUNK, RECIPE_CHUNK
     from engine.store import Asset, utcnow
 
@@ -278,11 +278,7 @@ def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> di
                   width=image.width, height=image.height, job_id=ctx.job_id)  # fmt: skip
     row = _generation_row(asset, ctx, gen, recipe, parameters, image.width, image.height, up.name)
     ensure_thumbnail(path)
-    with rt.db.session() as s:
-        s.add(asset)
-        s.add(row)
-        index_generation(s, row)
-        s.commit()
+    add_generation(rt.db, asset, row)
     return _item(rt, asset, row, src["label"], up)
 
 
@@ -329,7 +325,7 @@ def _already_done(rt, ctx: RunContext, n: int, label: str, up: _Upscaler) -> dic
 
 def _upscale_video(ctx: RunContext, up: _Upscaler, src: dict, n: int, part: RunContext) -> dict:
     from engine.artifacts import sha256_file
-    from engine.gallery import index_generation, thumbnail_path
+    from engine.gallery import add_generation, thumbnail_path
     from engine.media.ffmpeg import probe
     from engine.store import Asset, utcnow
     from engine.upscale import upscale_video
@@ -367,11 +363,7 @@ def _upscale_video(ctx: RunContext, up: _Upscaler, src: dict, n: int, part: RunC
         row = _generation_row(asset, ctx, gen, recipe, (gen or {}).get("infotext", ""), result.width,
                               result.height, up.name)  # fmt: skip
         video_thumbnail(out, thumb)
-        with rt.db.session() as s:
-            s.add(asset)
-            s.add(row)
-            index_generation(s, row)
-            s.commit()
+        add_generation(rt.db, asset, row)
     except BaseException:  # no MP4 without its rows
         out.unlink(missing_ok=True)
         thumb.unlink(missing_ok=True)

@@ -258,7 +258,7 @@ def _infotext(req: VideoRequest, detail: dict, version: str) -> str:
 
 def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
     from engine.artifacts import TMP_PREFIX, sha256_file
-    from engine.gallery import index_generation, thumbnail_path
+    from engine.gallery import add_generation, thumbnail_path
     from engine.media.ffmpeg import probe
     from engine.store import Asset, Generation, utcnow
     from engine.upscale_job import free_video_pipelines, video_thumbnail
@@ -316,11 +316,7 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
                          steps=int(detail.get("steps") or 0), cfg_scale=float(detail.get("cfg_scale") or 0),
                          sampler=detail.get("scheduler", ""), width=info.width, height=info.height,
                          loras=detail.get("loras") or [], infotext=infotext, recipe=recipe)  # fmt: skip
-        with rt.db.session() as s:
-            s.add(asset)
-            s.add(gen)
-            index_generation(s, gen)
-            s.commit()
+        add_generation(rt.db, asset, gen)
     except BaseException:  # no MP4 without its rows
         out.unlink(missing_ok=True)
         thumb.unlink(missing_ok=True)

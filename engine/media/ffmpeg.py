@@ -469,6 +469,16 @@ def _with_overlay(v, spec: VariantSpec, duration: float, fps: float, frame_w: in
     return v.overlay(image, x=x, y=y, eof_action="pass")
 
 
+def check_same_duration(result: MediaInfo, source: MediaInfo, name: str, what: str) -> None:
+    """An output made from `source` must last as long (within two frames or 0.25 s): a shorter one means the
+    source stopped decoding early, i.e. it is damaged."""
+    if abs(result.duration - source.duration) > max(0.25, 2 / (source.fps or 25)):
+        raise InputError(
+            f"video {name!r}: the {what} lasts {result.duration:.2f}s, not {source.duration:.2f}s;"
+            " the source is probably damaged"
+        )
+
+
 def render_variant(
     spec: VariantSpec, out: Path, timeout: float = 600, cancelled: Callable[[], bool] | None = None
 ) -> MediaInfo:
@@ -494,10 +504,6 @@ def render_variant(
     with staged_output(out) as tmp:
         run_ffmpeg(_variant_args(spec, video, audio, _media_output(tmp), fmt), timeout, cancelled)
         result = probe(tmp)
-        if abs(result.duration - video.duration) > max(0.25, 2 / (video.fps or 25)):
-            raise InputError(
-                f"video {spec.video.name!r}: the variant lasts {result.duration:.2f}s, not {video.duration:.2f}s;"
-                " the source is probably damaged"
-            )
+        check_same_duration(result, video, spec.video.name, "variant")
     result.path = out
     return result
