@@ -36,8 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         if f.type in ("bool", bool):
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
-            parser.add_argument(flag, default=None, help=f"{help_text} (default: {default})",
-                                type=_ARG_TYPES.get(f.type, str))  # fmt: skip
+            parser.add_argument(
+                flag, default=None, help=f"{help_text} (default: {default})", type=_ARG_TYPES.get(f.type, str)
+            )
     return parser
 
 
@@ -86,11 +87,16 @@ def build_app(studio, settings: Settings):
     from ui.common import UIContext
 
     with gr.Blocks(title="StudioNOVA", analytics_enabled=False, delete_cache=(3600, 24 * 3600)) as demo:
-        gr.Markdown(f"## StudioNOVA · device `{studio.device}` · {studio.dtype}" +
-                    (" · **demo model: random weights, images are noise**" if settings.demo else ""))  # fmt: skip
+        gr.Markdown(
+            f"## StudioNOVA · device `{studio.device}` · {studio.dtype}"
+            + (" · **demo model: random weights, images are noise**" if settings.demo else "")
+        )
         ctx = UIContext(
-            studio=studio, settings=settings, job_tokens=gr.BrowserState({}, storage_key="studionova_jobs",
-                                                                  secret=settings.browser_state_secret())
+            studio=studio,
+            settings=settings,
+            job_tokens=gr.BrowserState(
+                {}, storage_key="studionova_jobs", secret=settings.browser_state_secret()
+            ),
         )
         with gr.Tabs() as ctx.tabs:
             with gr.Tab("Generate", id="generate"):
@@ -175,8 +181,13 @@ def main(argv: list[str] | None = None) -> int:
 
     studio = Studio.start(settings)
     demo = build_app(studio, settings)
-    log.info("StudioNOVA on http://%s:%s (device %s, data %s)", settings.host, settings.port, studio.device,
-             settings.data_dir)  # fmt: skip
+    log.info(
+        "StudioNOVA on http://%s:%s (device %s, data %s)",
+        settings.host,
+        settings.port,
+        studio.device,
+        settings.data_dir,
+    )
     try:
         demo.launch(**launch_kwargs(settings))
     finally:

@@ -68,7 +68,9 @@ def save_png(image, path: Path, text_chunks: dict[str, str], icc_profile: bytes 
     for key, value in text_chunks.items():
         info.add_itxt(key, value) if not value.isascii() else info.add_text(key, value)
     extra = {"icc_profile": icc_profile} if icc_profile else {}
-    return atomic_write_with(path, lambda f: image.save(f, format="PNG", pnginfo=info, compress_level=4, **extra))
+    return atomic_write_with(
+        path, lambda f: image.save(f, format="PNG", pnginfo=info, compress_level=4, **extra)
+    )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

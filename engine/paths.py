@@ -26,15 +26,32 @@ MODEL_FOLDERS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     # ComfyUI-AnimateDiff-Evolved's folder: motion-module files, or diffusers MotionAdapter folders (config.json)
     "animatediff_models": (("animatediff_models",), (".safetensors", ".ckpt", ".pth")),
 }
-KIND_LABELS = {"diffusers": "model", "checkpoints": "checkpoint", "loras": "lora", "vae": "VAE",
-               "upscale_models": "upscale model", "embeddings": "embedding", "controlnet": "ControlNet",
-               "ipadapter": "IP-Adapter", "clip_vision": "image encoder",
-               "animatediff_models": "motion adapter"}  # fmt: skip
+KIND_LABELS = {
+    "diffusers": "model",
+    "checkpoints": "checkpoint",
+    "loras": "lora",
+    "vae": "VAE",
+    "upscale_models": "upscale model",
+    "embeddings": "embedding",
+    "controlnet": "ControlNet",
+    "ipadapter": "IP-Adapter",
+    "clip_vision": "image encoder",
+    "animatediff_models": "motion adapter",
+}
 
 
 # Diffusers folders that are not text-to-image models: the Video tab and the upscalers list them.
-NOT_IMAGE_PIPELINES = ("StableVideoDiffusion", "LTX", "Wan", "CogVideoX", "AnimateDiff", "HunyuanVideo", "Mochi",
-                       "StableDiffusionUpscale", "StableDiffusionLatentUpscale")  # fmt: skip
+NOT_IMAGE_PIPELINES = (
+    "StableVideoDiffusion",
+    "LTX",
+    "Wan",
+    "CogVideoX",
+    "AnimateDiff",
+    "HunyuanVideo",
+    "Mochi",
+    "StableDiffusionUpscale",
+    "StableDiffusionLatentUpscale",
+)
 
 
 def _pipeline_class(folder: Path) -> str:
@@ -116,8 +133,11 @@ class ModelRoots:
     def list_models(self) -> dict[str, Path]:
         """Every image model: diffusers folders (not video or upscaler pipelines: those have their own
         lists), then single-file checkpoints."""
-        found = {name: path for name, path in self.list_diffusers_folders().items()
-                 if not _pipeline_class(path).startswith(NOT_IMAGE_PIPELINES)}  # fmt: skip
+        found = {
+            name: path
+            for name, path in self.list_diffusers_folders().items()
+            if not _pipeline_class(path).startswith(NOT_IMAGE_PIPELINES)
+        }
         for name, path in self.list_checkpoint_files().items():
             found.setdefault(name, path)
         return found

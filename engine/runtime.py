@@ -15,9 +15,9 @@ from typing import Any
 
 from engine.device import DevicePlan, free_memory, is_out_of_memory
 from engine.errors import JobCancelledError, OutOfMemoryError
-from engine.hashing import HashCache
-from engine.pipelines import ModelManager
-from engine.store import Database
+from engine.model_manager.pipelines import ModelManager
+from engine.store.database import Database
+from engine.store.hashing import HashCache
 
 # A1111's "Approx cheap" latent -> RGB factors for SD 1.x/2.x latents.
 SD1_LATENT_RGB = (
@@ -54,9 +54,18 @@ class WorkerRuntime:
     settings: Any = None  # engine.settings.Settings: ingest roots, vision endpoint, cache folder
 
     @classmethod
-    def create(cls, plan: DevicePlan, models_dir: Path, db: Database, outputs_dir: Path, version: str,
-               styles_path: Path | None = None, configs_dir: Path | None = None,
-               cache_dir: Path | None = None, settings: Any = None):  # fmt: skip
+    def create(
+        cls,
+        plan: DevicePlan,
+        models_dir: Path,
+        db: Database,
+        outputs_dir: Path,
+        version: str,
+        styles_path: Path | None = None,
+        configs_dir: Path | None = None,
+        cache_dir: Path | None = None,
+        settings: Any = None,
+    ):
         # diffusers' lazy module is not safe to import from two threads at once: import what the
         # workers use here, once, before any of them runs (the executor calls this under a lock).
         import diffusers  # noqa: F401
@@ -73,8 +82,15 @@ class WorkerRuntime:
         models = ModelManager(models_dir, plan, HashCache(db), configs_dir=configs_dir, cache_dir=cache_dir)
         return cls(plan, models, db, outputs_dir, version, styles_path, settings)
 
-    def step_callback(self, emit: Callable[[dict], None], is_cancelled: Callable[[], bool], step_offset: int,
-                      total: int, started: float, previews: bool = True):  # fmt: skip
+    def step_callback(
+        self,
+        emit: Callable[[dict], None],
+        is_cancelled: Callable[[], bool],
+        step_offset: int,
+        total: int,
+        started: float,
+        previews: bool = True,
+    ):
         """A diffusers `callback_on_step_end` that reports progress and stops on cancel."""
         last_preview = [started]
 
@@ -84,8 +100,12 @@ class WorkerRuntime:
             done = step_offset + step + 1
             elapsed = time.monotonic() - started
             eta = elapsed / done * (total - done) if done else None
-            event = {"step": done, "total": total, "eta": round(eta, 2) if eta is not None else None,
-                     "desc": f"step {done}/{total}"}  # fmt: skip
+            event = {
+                "step": done,
+                "total": total,
+                "eta": round(eta, 2) if eta is not None else None,
+                "desc": f"step {done}/{total}",
+            }
             now = time.monotonic()
             # read at call time, so tests and settings can change the cadence
             if (

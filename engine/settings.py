@@ -10,7 +10,9 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from engine.artifacts import atomic_write
 from engine.errors import InputError
+from engine.model_manager.checkpoints import SHIPPED_CONFIGS
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")
@@ -90,45 +92,60 @@ class Settings:
     )
 
     auto_resume: bool = field(
-        default=False, metadata={"help": "after a crash, resume interrupted training (and downloads) at start-up"}
+        default=False,
+        metadata={"help": "after a crash, resume interrupted training (and downloads) at start-up"},
     )
     ingest_roots: str = field(
         default="",
-        metadata={"help": "server folders (separated by ':') the dataset ingest may scan, e.g. a ComfyUI output "
-                  "folder; <data-dir>/import is always allowed"},
-    )  # fmt: skip
+        metadata={
+            "help": "server folders (separated by ':') the dataset ingest may scan, e.g. a ComfyUI output "
+            "folder; <data-dir>/import is always allowed"
+        },
+    )
     min_approved_images: int = field(
         default=10, metadata={"help": "approved images a character needs before it can be trained"}
     )
     vision_url: str = field(
         default="",
-        metadata={"help": "OpenAI-compatible vision endpoint for auto-captions, e.g. http://127.0.0.1:11434/v1 "
-                  "(Ollama); empty = off"},
-    )  # fmt: skip
+        metadata={
+            "help": "OpenAI-compatible vision endpoint for auto-captions, e.g. http://127.0.0.1:11434/v1 "
+            "(Ollama); empty = off"
+        },
+    )
     vision_model: str = field(default="llava", metadata={"help": "model name the vision endpoint serves"})
-    vision_api_key: str = field(default="", metadata={"help": "API key for the vision endpoint, if it needs one"})
+    vision_api_key: str = field(
+        default="", metadata={"help": "API key for the vision endpoint, if it needs one"}
+    )
     comfyui_urls: str = field(
         default="",
-        metadata={"help": "ComfyUI servers for engine 'comfyui' (comma-separated; several form a pool; "
-                  "https://user:pw@host:8188 for basic auth, http://host:8188#token=XYZ for a bearer token)"},
-    )  # fmt: skip
+        metadata={
+            "help": "ComfyUI servers for engine 'comfyui' (comma-separated; several form a pool; "
+            "https://user:pw@host:8188 for basic auth, http://host:8188#token=XYZ for a bearer token)"
+        },
+    )
     comfyui_max_inflight: int = field(
         default=1, metadata={"help": "jobs each ComfyUI server runs at once (the pool queues the rest)"}
     )
     comfyui_fallback_local: bool = field(
         default=False,
-        metadata={"help": "when no ComfyUI server is healthy, render a 'comfyui' generation with local diffusers"},
+        metadata={
+            "help": "when no ComfyUI server is healthy, render a 'comfyui' generation with local diffusers"
+        },
     )
     kohya_dir: str = field(
         default="",
-        metadata={"help": "a kohya_ss or sd-scripts checkout; LoRA training with backend 'kohya' runs its "
-                  "train_network.py (sdxl_train_network.py for SDXL) as a job; empty = not configured"},
-    )  # fmt: skip
+        metadata={
+            "help": "a kohya_ss or sd-scripts checkout; LoRA training with backend 'kohya' runs its "
+            "train_network.py (sdxl_train_network.py for SDXL) as a job; empty = not configured"
+        },
+    )
     kohya_python: str = field(
         default="",
-        metadata={"help": "interpreter for sd-scripts (default: <kohya-dir>/venv/bin/python or .venv/bin/python "
-                  "when present, else the one running StudioNOVA)"},
-    )  # fmt: skip
+        metadata={
+            "help": "interpreter for sd-scripts (default: <kohya-dir>/venv/bin/python or .venv/bin/python "
+            "when present, else the one running StudioNOVA)"
+        },
+    )
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).expanduser().resolve()
@@ -179,8 +196,6 @@ class Settings:
 
     @property
     def model_configs_path(self) -> Path:
-        from engine.checkpoints import SHIPPED_CONFIGS
-
         return Path(self.model_configs).expanduser().resolve() if self.model_configs else SHIPPED_CONFIGS
 
     @property
@@ -196,8 +211,6 @@ class Settings:
         """The key the browser's job-token store is encrypted with: kept in the data dir, so a restarted app
         still reads what browsers stored before (a fresh random key per launch would lose every token)."""
         import secrets
-
-        from engine.artifacts import atomic_write
 
         path = self.data_dir / "browser-state.key"
         if not path.is_file():

@@ -12,16 +12,62 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from engine.demo_model import DEMO_MODEL_NAME, ensure_demo_model
-from engine.errors import InputError, NotFoundError
-from engine.jobs import JOB_KINDS, InProcessExecutor, JobService
+from engine.artifacts import folder_files, folder_hash, lora_short_hash
+from engine.characters import ingest
+from engine.characters.captioning import VisionConfig, suggest_character
+from engine.characters.characters import STYLE_KEYS, Characters, compose_negative, merge_terms
+from engine.characters.datasets import CaptionRequest, Datasets, IngestRequest
+from engine.characters.reference_sheet import ReferenceSheetRequest
+from engine.comfyui.generate import check_comfy_request, pool_for, templates
+from engine.comfyui.pool import parse_server_spec, server_models
+from engine.comfyui.templates import add_user_template, user_templates_dir
+from engine.device import resolve_device
+from engine.errors import InputError, NotFoundError, StudioError
+from engine.gallery.pnginfo import save_image
+from engine.gallery.records import (
+    GalleryQuery,
+    empty_trash,
+    fill_thumbnails,
+    gallery_page,
+    generation_detail,
+    restore,
+    trash,
+)
+from engine.generation.ip_adapter import find_ip_adapter
+from engine.generation.prompts import extract_lora_tags
+from engine.generation.request import GenerateRequest
+from engine.generation.styles import StyleBook
+from engine.generation.xyz import XYZPlotRequest, parse_values
+from engine.jobs.service import COMFY_QUEUE, JOB_KINDS, InProcessExecutor, JobService
+from engine.media.ffmpeg import VIDEO_SUFFIXES
+from engine.media.library import Library, public_item
+from engine.media.tts import SpeechRequest, list_voices, speak
+from engine.media.variants import (
+    CleanupRequest,
+    JoinClipsRequest,
+    MotionClipRequest,
+    VariantsRequest,
+    expired_batches,
+    library_root,
+    plan,
+)
+from engine.model_manager.checkpoints import folder_family, scan_checkpoints
+from engine.model_manager.demo_model import DEMO_MODEL_NAME, ensure_demo_model, is_demo_folder
+from engine.model_manager.downloads import DownloadRequest
+from engine.model_manager.pipelines import lora_format, model_label
 from engine.paths import ModelRoots, within
-from engine.pipelines import lora_format, model_label
-from engine.prompts import extract_lora_tags
-from engine.requests import MAX_SEED, GenerateRequest, LoraSpec, parse_loras
+from engine.requests import MAX_SEED, LoraSpec, parse_loras
+from engine.runtime import WorkerRuntime
 from engine.settings import Settings
-from engine.store import Database, Job
-from engine.styles import StyleBook
+from engine.store.database import Asset, Database, Generation, Job, MediaItem, Project
+from engine.store.hashing import HashCache
+from engine.training.job import build_train_request
+from engine.training.kohya import TRAINING_BACKENDS, build_kohya_request
+from engine.training.resume import interrupted_trainings
+from engine.upscale.job import UpscaleRequest, _sources, list_upscalers, resolve_upscaler
+from engine.upscale.upscalers import inspect_upscaler
+from engine.video.generate import VIDEO_FAMILIES, list_video_models
+from engine.video.job import VideoRequest, check_video_request, find_video_model
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +90,6 @@ class Studio:
 
     @classmethod
     def start(cls, settings: Settings, recover: bool = True) -> Studio:
-        from engine.device import resolve_device
-        from engine.runtime import WorkerRuntime
-
         settings.ensure_dirs()
         ModelRoots(settings.models_dir).create_layout()
         if settings.demo:
@@ -58,16 +101,26 @@ class Studio:
         ver = app_version()
 
         def runtime_factory(device: str):
-            return WorkerRuntime.create(plan, settings.models_dir, db, settings.outputs_dir, ver,
-                                        settings.data_dir / "styles.csv", settings.model_configs_path,
-                                        settings.cache_dir, settings)  # fmt: skip
-
-        from engine.comfyui.pool import parse_server_spec
-        from engine.jobs import COMFY_QUEUE
+            return WorkerRuntime.create(
+                plan,
+                settings.models_dir,
+                db,
+                settings.outputs_dir,
+                ver,
+                settings.data_dir / "styles.csv",
+                settings.model_configs_path,
+                settings.cache_dir,
+                settings,
+            )
 
         comfy_workers = len(parse_server_spec(settings.comfyui_urls)) * int(settings.comfyui_max_inflight)
-        executor = InProcessExecutor(jobs, [plan.device], settings.jobs_per_device, runtime_factory,
-                                     extra_queues={COMFY_QUEUE: comfy_workers})  # fmt: skip
+        executor = InProcessExecutor(
+            jobs,
+            [plan.device],
+            settings.jobs_per_device,
+            runtime_factory,
+            extra_queues={COMFY_QUEUE: comfy_workers},
+        )
         jobs.attach(executor)
         executor.start()
         studio = cls(settings, db, jobs, executor, plan.device, plan.dtype)
@@ -91,8 +144,6 @@ class Studio:
         def loop() -> None:
             while not self._cleanup_stop.is_set():
                 try:
-                    from engine.variants import expired_batches
-
                     if expired_batches(self.db):
                         self.jobs.submit("cleanup", self._cleanup_request(), owner="system")
                 except Exception:  # the database may be closing; try again next round
@@ -102,8 +153,6 @@ class Studio:
         threading.Thread(target=loop, name="batch-cleanup", daemon=True).start()
 
     def _cleanup_request(self):
-        from engine.variants import CleanupRequest
-
         return CleanupRequest.build()
 
     def close(self) -> None:
@@ -154,8 +203,10 @@ class Studio:
         comfy = values.get("engine") == "comfyui"
         if comfy:  # a checkpoint on the ComfyUI server, checked against its /object_info when the job runs
             if not str(values.get("model") or "").strip():
-                raise InputError("engine='comfyui' needs model= a checkpoint name as the server lists it "
-                                 "(the Generate tab's ComfyUI refresh shows them)")  # fmt: skip
+                raise InputError(
+                    "engine='comfyui' needs model= a checkpoint name as the server lists it "
+                    "(the Generate tab's ComfyUI refresh shows them)"
+                )
         else:
             values["model"] = self.match_model(values.get("model") or "") or self.default_model()
         if values.get("subseed") is None or int(values["subseed"]) == -1:
@@ -171,8 +222,6 @@ class Studio:
             values["loras"] = [{"name": n, "weight": w} for n, w in merged.items()]
         req = GenerateRequest.build(**values)
         if comfy:
-            from engine.comfyui.generate import check_comfy_request
-
             check_comfy_request(req, self.settings, self.settings.data_dir)
             styles = self.styles()
             for name in req.styles:
@@ -193,8 +242,6 @@ class Studio:
                 f"{', '.join(self.controlnet_names()) or 'none (put models in models/controlnet)'}"
             )
         if req.ip_adapter_image:  # no weights: refused now, saying what to put where
-            from engine.ip_adapter import find_ip_adapter
-
             find_ip_adapter(self.settings.models_dir, req.ip_adapter, req.ip_adapter_encoder)
         styles = self.styles()
         for name in req.styles:
@@ -205,8 +252,6 @@ class Studio:
 
     def build_xyz_request(self, base_values: dict[str, Any], axes: dict[str, Any]):
         """X/Y/Z plot: the base recipe validated like a generation, then every cell validated too."""
-        from engine.xyz import XYZPlotRequest, parse_values
-
         base = self.build_generate_request({**base_values, "batch_size": 1, "batch_count": 1})
         axes = dict(axes)
         for key in ("x", "y", "z"):  # A1111: a seed of -1 on an axis means a random one, fixed now
@@ -228,8 +273,6 @@ class Studio:
 
     # --- model manager ---------------------------------------------------------------------------
     def submit_download(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        from engine.downloads import DownloadRequest
-
         return self.jobs.submit("download", DownloadRequest.build(**values), owner=owner)
 
     def models_relative(self, path: str) -> str:
@@ -246,39 +289,66 @@ class Studio:
 
     def model_inventory(self) -> list[dict]:
         """Every model under models/ with family, size, SHA-256 and A1111 short hash (cached)."""
-        from engine.artifacts import folder_files, folder_hash, lora_short_hash
-        from engine.checkpoints import folder_family, scan_checkpoints
-        from engine.demo_model import is_demo_folder
-
         rows: list[dict] = []
         for entry in scan_checkpoints(self.roots, self.hashes):
-            rows.append({"kind": "checkpoints", "name": entry.name, "family": entry.family, "size": entry.size,
-                         "sha256": entry.sha256, "short_hash": entry.short_hash, "error": entry.error or ""})  # fmt: skip
+            rows.append(
+                {
+                    "kind": "checkpoints",
+                    "name": entry.name,
+                    "family": entry.family,
+                    "size": entry.size,
+                    "sha256": entry.sha256,
+                    "short_hash": entry.short_hash,
+                    "error": entry.error or "",
+                }
+            )
         for name, path in self.roots.list_diffusers_folders().items():
             files = {p.relative_to(path).as_posix(): self.hashes.sha256(p) for p in folder_files(path)}
             family = folder_family(path) + (" · demo, random weights" if is_demo_folder(path) else "")
-            rows.append({"kind": "diffusers", "name": name, "family": family,
-                         "size": sum(p.stat().st_size for p in folder_files(path)),
-                         "sha256": "", "short_hash": folder_hash(files)})  # fmt: skip
+            rows.append(
+                {
+                    "kind": "diffusers",
+                    "name": name,
+                    "family": family,
+                    "size": sum(p.stat().st_size for p in folder_files(path)),
+                    "sha256": "",
+                    "short_hash": folder_hash(files),
+                }
+            )
         for kind in ("loras", "vae", "embeddings", "controlnet", "upscale_models"):
             for name, path in self.roots.list_files(kind).items():
                 sha = self.hashes.sha256(path)
                 short = self.hashes.cached(path, "lora12", lora_short_hash) if kind == "loras" else sha[:10]
-                rows.append({"kind": kind, "name": name, "family": "", "size": path.stat().st_size, "sha256": sha,
-                             "short_hash": short})  # fmt: skip
+                rows.append(
+                    {
+                        "kind": kind,
+                        "name": name,
+                        "family": "",
+                        "size": path.stat().st_size,
+                        "sha256": sha,
+                        "short_hash": short,
+                    }
+                )
         for folder in self.roots.folders("controlnet"):  # diffusers-format ControlNets are folders
             for config in sorted(folder.rglob("config.json")):
-                files = {p.relative_to(config.parent).as_posix(): self.hashes.sha256(p)
-                         for p in folder_files(config.parent)}  # fmt: skip
-                rows.append({"kind": "controlnet", "name": config.parent.relative_to(folder).as_posix(),
-                             "family": "diffusers folder", "size": sum(p.stat().st_size for p in folder_files(config.parent)),
-                             "sha256": "", "short_hash": folder_hash(files)})  # fmt: skip
+                files = {
+                    p.relative_to(config.parent).as_posix(): self.hashes.sha256(p)
+                    for p in folder_files(config.parent)
+                }
+                rows.append(
+                    {
+                        "kind": "controlnet",
+                        "name": config.parent.relative_to(folder).as_posix(),
+                        "family": "diffusers folder",
+                        "size": sum(p.stat().st_size for p in folder_files(config.parent)),
+                        "sha256": "",
+                        "short_hash": folder_hash(files),
+                    }
+                )
         return rows
 
     @property
     def hashes(self):
-        from engine.hashing import HashCache
-
         if not hasattr(self, "_hashes"):
             self._hashes = HashCache(self.db)
         return self._hashes
@@ -287,21 +357,15 @@ class Studio:
     def gallery(self, **query: Any):
         """A page of the history (filters: text, model, lora, character, date_from, date_to, mode,
         only_trashed, page, page_size), with thumbnails."""
-        from engine.gallery import GalleryQuery, fill_thumbnails, gallery_page
-
         return fill_thumbnails(gallery_page(self.db, GalleryQuery(**query)))
 
     def generation(self, generation_id: str):
-        from engine.gallery import generation_detail
-
         return generation_detail(self.db, generation_id)
 
     def export_image(self, generation_id: str, format: str = "jpeg", quality: int = 90) -> Path:
         """A copy of a generated image as PNG, JPEG or WebP, carrying its infotext (EXIF UserComment for
         JPEG/WebP, as A1111 writes it) and recipe, under outputs/exports/."""
         from PIL import Image
-
-        from engine.pnginfo import save_image
 
         d = self.generation(generation_id)
         if not d.file_exists:
@@ -317,18 +381,12 @@ class Studio:
         return target
 
     def trash(self, generation_ids: list[str]) -> int:
-        from engine.gallery import trash
-
         return trash(self.db, generation_ids)
 
     def restore(self, generation_ids: list[str]) -> int:
-        from engine.gallery import restore
-
         return restore(self.db, generation_ids)
 
     def empty_trash(self):
-        from engine.gallery import empty_trash
-
         return empty_trash(self.db, self.settings.outputs_dir)
 
     def checked_upload(self, path: str, what: str) -> str:
@@ -362,14 +420,10 @@ class Studio:
     # --- characters and datasets ----------------------------------------------------------------
     @property
     def characters(self):
-        from engine.characters import Characters
-
         return Characters(self.db, self.settings.models_dir)
 
     @property
     def datasets(self):
-        from engine.datasets import Datasets
-
         return Datasets(self.db, self.settings.outputs_dir, self.characters)
 
     def _apply_character(self, values: dict[str, Any]) -> None:
@@ -383,7 +437,6 @@ class Studio:
             return
         if isinstance(ref, dict):  # already a snapshot (a retried or re-run job)
             return
-        from engine.characters import STYLE_KEYS
 
         character = self.characters.get(str(ref))
         style = {k: v["value"] for k, v in self.characters.effective_style(character).items()}
@@ -391,13 +444,19 @@ class Studio:
             values.update({k: v for k, v in style.items() if k in STYLE_KEYS and v not in (None, "")})
         elif not values.get("model") and style.get("model"):
             values["model"] = style["model"]
-        if not values.get("engine") and style.get("engine"):  # who renders: the character's or project's default
+        if not values.get("engine") and style.get(
+            "engine"
+        ):  # who renders: the character's or project's default
             values["engine"] = style["engine"]
         snap = self.characters.snapshot(character.id, lora_pin)
         values["character"] = snap.model_dump(mode="json")
         if character.style_preset:
             styles = values.get("styles") or []
-            styles = [p.strip() for p in styles.split(",") if p.strip()] if isinstance(styles, str) else list(styles)
+            styles = (
+                [p.strip() for p in styles.split(",") if p.strip()]
+                if isinstance(styles, str)
+                else list(styles)
+            )
             if character.style_preset not in styles:
                 values["styles"] = [*styles, character.style_preset]
         if snap.lora:
@@ -412,8 +471,6 @@ class Studio:
         """Everything the Characters tab shows of one character (no server paths)."""
         from sqlmodel import select
 
-        from engine.store import Asset, Project
-
         chars = self.characters
         c = chars.get(ref)
         project = None
@@ -422,34 +479,69 @@ class Studio:
                 p = s.get(Project, c.project_id)
                 project = p.slug if p else None
         with self.db.session() as s:
-            sheets = [self._outputs_relative(a.path) for a in s.exec(
-                select(Asset).where(Asset.kind == "sheet", Asset.character_id == c.id).order_by(Asset.created_at))]  # fmt: skip
+            sheets = [
+                self._outputs_relative(a.path)
+                for a in s.exec(
+                    select(Asset)
+                    .where(Asset.kind == "sheet", Asset.character_id == c.id)
+                    .order_by(Asset.created_at)
+                )
+            ]
         return {
-            "id": c.id, "name": c.name, "slug": c.slug, "project": project, "trigger_word": c.trigger_word,
-            "design_prompt": c.design_prompt, "negative_prompt": c.negative_prompt, "style_preset": c.style_preset,
-            "style": c.style, "references": [self._outputs_relative(p) for p in c.references],
-            "active_lora": c.active_lora_id, "lora_weight": c.lora_weight, "revision": c.revision,
+            "id": c.id,
+            "name": c.name,
+            "slug": c.slug,
+            "project": project,
+            "trigger_word": c.trigger_word,
+            "design_prompt": c.design_prompt,
+            "negative_prompt": c.negative_prompt,
+            "style_preset": c.style_preset,
+            "style": c.style,
+            "references": [self._outputs_relative(p) for p in c.references],
+            "active_lora": c.active_lora_id,
+            "lora_weight": c.lora_weight,
+            "revision": c.revision,
             "effective_style": chars.effective_style(c),
             "effective_negative": [t.model_dump() for t in chars.effective_negative(c)],
             "readiness": self.datasets.readiness(c.id, self.settings.min_approved_images),
-            "loras": [self._lora_public(r) for r in chars.loras(c.id)], "sheets": sheets,
-        }  # fmt: skip
+            "loras": [self._lora_public(r) for r in chars.loras(c.id)],
+            "sheets": sheets,
+        }
 
     def _lora_public(self, row) -> dict:
-        return {"id": row.id, "name": row.name, "version": row.version, "format": row.format,
-                "short_hash": row.short_hash, "sha256": row.sha256, "size": row.size, "base_model": row.base_model,
-                "metadata": row.meta, "source": row.source}  # fmt: skip
+        return {
+            "id": row.id,
+            "name": row.name,
+            "version": row.version,
+            "format": row.format,
+            "short_hash": row.short_hash,
+            "sha256": row.sha256,
+            "size": row.size,
+            "base_model": row.base_model,
+            "metadata": row.meta,
+            "source": row.source,
+        }
 
     def _outputs_relative(self, path: str) -> str:
         p = Path(path)
-        return p.relative_to(self.settings.outputs_dir).as_posix() if p.is_relative_to(self.settings.outputs_dir) \
+        return (
+            p.relative_to(self.settings.outputs_dir).as_posix()
+            if p.is_relative_to(self.settings.outputs_dir)
             else p.name
+        )
 
     def list_characters(self, project: str = "") -> list[dict]:
         out = []
         for c in self.characters.list(project):
-            out.append({"id": c.id, "slug": c.slug, "name": c.name, "trigger_word": c.trigger_word,
-                        **self.datasets.readiness(c.id, self.settings.min_approved_images)})  # fmt: skip
+            out.append(
+                {
+                    "id": c.id,
+                    "slug": c.slug,
+                    "name": c.name,
+                    "trigger_word": c.trigger_word,
+                    **self.datasets.readiness(c.id, self.settings.min_approved_images),
+                }
+            )
         return out
 
     def save_character(self, values: dict[str, Any], ref: str = "") -> dict:
@@ -469,8 +561,6 @@ class Studio:
 
     def add_references(self, ref: str, paths: list[str]) -> dict:
         """Validated copies of reference images (decodable PNG/JPEG/WebP) become the character's references."""
-        from engine import ingest
-
         c = self.characters.get(ref)
         folder = self.settings.outputs_dir / "characters" / c.id
         folder.mkdir(parents=True, exist_ok=True)
@@ -484,9 +574,6 @@ class Studio:
         return self.character_view(c.id)
 
     def submit_ingest(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        from engine import ingest
-        from engine.datasets import IngestRequest
-
         values = dict(values)
         character = self.characters.get(values.pop("character", "") or values.get("character_id", ""))
         values["character_id"] = character.id
@@ -498,7 +585,9 @@ class Studio:
             raise InputError(f"url={values['url']!r}: only http:// and https:// URLs can be ingested")
         return self.jobs.submit("ingest", IngestRequest.build(**values), owner=owner)
 
-    def review(self, character: str, item_ids: list[str], action: str, reasons=None, reason_text: str = "") -> dict:
+    def review(
+        self, character: str, item_ids: list[str], action: str, reasons=None, reason_text: str = ""
+    ) -> dict:
         c = self.characters.get(character)
         out = self.datasets.review(c.id, item_ids, action, reasons, reason_text)
         out["min_approved"] = self.settings.min_approved_images
@@ -508,57 +597,77 @@ class Studio:
     def undo_review(self, character: str, action_id: str = "") -> dict:
         return self.datasets.undo(self.characters.get(character).id, action_id)
 
-    def review_queue(self, character: str, status: str = "pending", page: int = 1, page_size: int = 50) -> dict:
+    def review_queue(
+        self, character: str, status: str = "pending", page: int = 1, page_size: int = 50
+    ) -> dict:
         c = self.characters.get(character)
         out = self.datasets.queue(c.id, status, page, page_size)
         out["readiness"] = self.datasets.readiness(c.id, self.settings.min_approved_images)
         return out
 
     def submit_captions(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        from engine.captioning import VisionConfig
-        from engine.datasets import CaptionRequest
-
         s = self.settings
         if VisionConfig.from_settings(s.vision_url, s.vision_model, s.vision_api_key) is None:
-            raise InputError("auto-captioning needs a vision endpoint: start with --vision-url (for example "
-                             "http://127.0.0.1:11434/v1 for Ollama) and --vision-model")  # fmt: skip
+            raise InputError(
+                "auto-captioning needs a vision endpoint: start with --vision-url (for example "
+                "http://127.0.0.1:11434/v1 for Ollama) and --vision-model"
+            )
         values = dict(values)
-        values["character_id"] = self.characters.get(values.pop("character", "") or values.get("character_id", "")).id
+        values["character_id"] = self.characters.get(
+            values.pop("character", "") or values.get("character_id", "")
+        ).id
         return self.jobs.submit("caption", CaptionRequest.build(**values), owner=owner)
 
     def suggest_character(self, item_id: str) -> dict:
         """Ask the vision endpoint which known character a dataset image shows."""
-        from engine.captioning import VisionConfig, suggest_character
-
         s = self.settings
         config = VisionConfig.from_settings(s.vision_url, s.vision_model, s.vision_api_key)
         if config is None:
             raise InputError("character suggestions need a vision endpoint: start with --vision-url")
         item = self.datasets.item(item_id)
         chars = self.characters.list()
-        choices = [(c.name, ", ".join(p for p in (c.trigger_word, c.design_prompt[:200]) if p)) for c in chars]
+        choices = [
+            (c.name, ", ".join(p for p in (c.trigger_word, c.design_prompt[:200]) if p)) for c in chars
+        ]
         name = suggest_character(config, Path(item.path), choices)
         match = next((c for c in chars if c.name == name), None)
-        return {"item_id": item_id, "suggested": match.slug if match else None,
-                "current": next((c.slug for c in chars if c.id == item.character_id), None)}  # fmt: skip
+        return {
+            "item_id": item_id,
+            "suggested": match.slug if match else None,
+            "current": next((c.slug for c in chars if c.id == item.character_id), None),
+        }
 
     def regenerate_rejected(self, character: str, owner: str = "anonymous") -> dict:
         """Re-render the character's rejected generated images with its refined negatives (same recipe and
         seed); the new images join the review queue."""
-        from engine.store import Generation
-
         c = self.characters.get(character)
         jobs, skipped = [], []
         for item in self.datasets.rejected_generations(c.id):
             with self.db.session() as s:
                 gen = s.get(Generation, item.generation_id)
             recipe = (gen.recipe or {}) if gen else {}
-            if not gen or recipe.get("mode") != "txt2img" or "request" not in recipe or recipe.get("ip_adapter"):
-                skipped.append({"id": item.id, "reason": "only txt2img generations without an IP-Adapter image can "
-                                "be re-rendered from their recipe (source images are not kept)"})  # fmt: skip
+            if (
+                not gen
+                or recipe.get("mode") != "txt2img"
+                or "request" not in recipe
+                or recipe.get("ip_adapter")
+            ):
+                skipped.append(
+                    {
+                        "id": item.id,
+                        "reason": "only txt2img generations without an IP-Adapter image can "
+                        "be re-rendered from their recipe (source images are not kept)",
+                    }
+                )
                 continue
-            values = dict(recipe["request"], seed=gen.seed, batch_size=1, batch_count=1, character=c.id,
-                          dataset_review=True)  # fmt: skip
+            values = dict(
+                recipe["request"],
+                seed=gen.seed,
+                batch_size=1,
+                batch_count=1,
+                character=c.id,
+                dataset_review=True,
+            )
             # the character's LoRA comes from its current snapshot, not from the old recipe
             old_lora = ((recipe.get("character") or {}).get("lora") or {}).get("name")
             values["loras"] = [x for x in values.get("loras") or [] if x.get("name") != old_lora]
@@ -567,24 +676,30 @@ class Studio:
             except InputError as e:  # a model or LoRA of the recipe is gone: this item only
                 skipped.append({"id": item.id, "reason": str(e)})
                 continue
-            from engine.characters import compose_negative, merge_terms
 
-            if merge_terms(compose_negative(req.character, req.negative_prompt)) == merge_terms(gen.negative_prompt):
-                skipped.append({"id": item.id, "reason": "its rejection taught no new negative terms (edit the "
-                                "mapping of its reasons), so a re-render would give the same picture"})  # fmt: skip
+            if merge_terms(compose_negative(req.character, req.negative_prompt)) == merge_terms(
+                gen.negative_prompt
+            ):
+                skipped.append(
+                    {
+                        "id": item.id,
+                        "reason": "its rejection taught no new negative terms (edit the "
+                        "mapping of its reasons), so a re-render would give the same picture",
+                    }
+                )
                 continue
-            jid, _ = self.jobs.submit("generate", req, owner=owner)
+            jid, _ = self.jobs.submit(req.job_kind, req, owner=owner)
             self.datasets.mark_regenerated(item.id, jid)
             jobs.append({"item_id": item.id, "job_id": jid})
-        return {"jobs": jobs, "skipped": skipped,
-                "negative_prompt": ", ".join(t.term for t in self.characters.effective_negative(c))}  # fmt: skip
+        return {
+            "jobs": jobs,
+            "skipped": skipped,
+            "negative_prompt": ", ".join(t.term for t in self.characters.effective_negative(c)),
+        }
 
     def submit_train_lora(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        """Train a LoRA on a character's approved images (see engine.train_job); checked before a job exists.
-        values["backend"]: "builtin" (default) or "kohya" (a configured sd-scripts; engine.kohya_delegate)."""
-        from engine.kohya_delegate import TRAINING_BACKENDS, build_kohya_request
-        from engine.train_job import build_train_request
-
+        """Train a LoRA on a character's approved images (see engine.training.job); checked before a job exists.
+        values["backend"]: "builtin" (default) or "kohya" (a configured sd-scripts; engine.training.kohya)."""
         values = dict(values)
         backend = values.pop("backend", None) or "builtin"
         if backend == "kohya":
@@ -595,17 +710,14 @@ class Studio:
 
     # --- ComfyUI engine ---------------------------------------------------------------------------
     def comfy_template_names(self) -> list[str]:
-        from engine.comfyui.generate import templates
-
         return sorted(templates(self.settings.data_dir))
 
     def comfy_models(self) -> dict[str, list[str]]:
         """Checkpoints, LoRAs and upscale models the ComfyUI pool's servers have (from /object_info)."""
-        from engine.comfyui.generate import pool_for
-        from engine.comfyui.pool import server_models
-
         if not self.settings.comfyui_urls.strip():
-            raise InputError("no ComfyUI server is configured; start with --comfyui-urls http://127.0.0.1:8188")
+            raise InputError(
+                "no ComfyUI server is configured; start with --comfyui-urls http://127.0.0.1:8188"
+            )
         return server_models(pool_for(self.settings).object_info())
 
     def add_comfy_workflow(self, workflow_json: str, manifest_json: str, overwrite: bool = False) -> dict:
@@ -613,37 +725,33 @@ class Studio:
         under <data-dir>/workflows; usable as comfy_template at once."""
         import json
 
-        from engine.comfyui.templates import add_user_template, user_templates_dir
-
         try:
             manifest = json.loads(manifest_json)
         except json.JSONDecodeError as e:
             raise InputError(f"the manifest is not valid JSON: {e.msg} (line {e.lineno})") from None
         if not isinstance(manifest, dict):
             raise InputError("the manifest must be a JSON object with name, kind, bindings and outputs")
-        template = add_user_template(workflow_json, manifest, user_templates_dir(self.settings.data_dir),
-                                     overwrite=overwrite)  # fmt: skip
-        return {"name": template.manifest.name, "kind": template.manifest.kind,
-                "bindings": sorted(template.manifest.bindings)}  # fmt: skip
+        template = add_user_template(
+            workflow_json, manifest, user_templates_dir(self.settings.data_dir), overwrite=overwrite
+        )
+        return {
+            "name": template.manifest.name,
+            "kind": template.manifest.kind,
+            "bindings": sorted(template.manifest.bindings),
+        }
 
     def comfy_servers(self) -> list[dict]:
         """Each configured ComfyUI server: healthy, jobs in flight, limit, last error."""
-        from engine.comfyui.generate import pool_for
-
         return pool_for(self.settings).status() if self.settings.comfyui_urls.strip() else []
 
     def interrupted_trainings(self) -> list[dict]:
         """Training runs a crash or restart interrupted, with the checkpoint step a resume continues from."""
-        from engine.train_job import interrupted_trainings
-
-        return interrupted_trainings(self)
+        return interrupted_trainings(self.db, self.settings.data_dir)
 
     def submit_reference_sheet(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         """values: character, views, expressions, seed, prompt, source_image (img2img), use_ip_adapter,
         ip_adapter_scale, denoising_strength, add_to_dataset, plus any generation field; the character's
         effective style fills what is not given."""
-        from engine.reference_sheet import ReferenceSheetRequest
-
         values = {k: v for k, v in values.items() if v is not None}
         c = self.characters.get(values.get("character") or "")
         sheet_keys = ("views", "expressions", "add_to_dataset")
@@ -660,21 +768,19 @@ class Studio:
         elif use_ip:
             raise InputError("use_ip_adapter needs a source_image")
         req = self.build_generate_request(base)
-        return self.jobs.submit("reference_sheet", ReferenceSheetRequest.build(base=req, **sheet), owner=owner)
+        return self.jobs.submit(
+            "reference_sheet", ReferenceSheetRequest.build(base=req, **sheet), owner=owner
+        )
 
     # --- upscaling and video ------------------------------------------------------------------
     def upscalers(self) -> list[dict]:
         """Lanczos, every Real-ESRGAN family file in models/upscale_models (architecture and scale, as spandrel
         reads them) and every SD x4 upscaler folder."""
-        from engine.upscale_job import list_upscalers
-
         return list_upscalers(self.roots)
 
     def submit_upscale(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         """values: images (uploads), generation_ids (gallery), video (an upload), upscaler, scale or width+height,
         tile, and the SD x4 options (prompt, negative_prompt, noise_level, steps, cfg_scale, seed)."""
-        from engine.upscale_job import UpscaleRequest, _sources, resolve_upscaler
-
         values = {k: v for k, v in values.items() if v is not None}
         images = values.get("images") or []
         if isinstance(images, str):
@@ -685,25 +791,30 @@ class Studio:
         if values.get("seed") is not None and int(values["seed"]) == -1:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
         req = UpscaleRequest.build(**values)
-        kind, path = resolve_upscaler(self.roots, req.upscaler)  # unknown upscaler: refused before a job exists
+        kind, path = resolve_upscaler(
+            self.roots, req.upscaler
+        )  # unknown upscaler: refused before a job exists
         if kind == "model":
-            from engine.upscale import inspect_upscaler
-
-            inspect_upscaler(path, req.upscaler)  # a file spandrel cannot read: likewise (cached by size + mtime)
+            inspect_upscaler(
+                path, req.upscaler
+            )  # a file spandrel cannot read: likewise (cached by size + mtime)
         _sources(req, self.db)  # unknown or deleted generations: likewise
         return self.jobs.submit("upscale", req, owner=owner)
 
     def video_models(self) -> list[dict]:
-        from engine.video import VIDEO_FAMILIES, list_video_models
-
-        return [{"name": m.name, "family": m.family, "label": VIDEO_FAMILIES[m.family].label,
-                 "modes": list(VIDEO_FAMILIES[m.family].modes)} for m in list_video_models(self.roots.models_dir)]  # fmt: skip
+        return [
+            {
+                "name": m.name,
+                "family": m.family,
+                "label": VIDEO_FAMILIES[m.family].label,
+                "modes": list(VIDEO_FAMILIES[m.family].modes),
+            }
+            for m in list_video_models(self.roots.models_dir)
+        ]
 
     def video_families(self) -> list[dict]:
         """The registry as the Video tab and API show it: modes, frame rule, sizes and defaults per family."""
         import dataclasses
-
-        from engine.video import VIDEO_FAMILIES
 
         return [dataclasses.asdict(f) for f in VIDEO_FAMILIES.values()]
 
@@ -713,10 +824,6 @@ class Studio:
         frames, fps, width, height, steps, cfg_scale, seed, motion_strength, decode_chunk_size, loras,
         camera_moves, camera_strength, duration, interpolate_fps. Every limit of the family is checked here,
         before a job exists."""
-        from engine.upscale_job import VIDEO_SUFFIXES
-        from engine.video import VIDEO_FAMILIES
-        from engine.video_job import VideoRequest, check_video_request, find_video_model
-
         values = {k: v for k, v in values.items() if v is not None and k != "first_frame"}  # built here only
         if values.get("seed") is None or int(values["seed"]) == -1:
             values["seed"] = secrets.randbelow(MAX_SEED + 1)
@@ -729,7 +836,9 @@ class Studio:
         if req.mode != "camera":
             if not req.model:
                 names = [m["name"] for m in self.video_models()]
-                raise InputError(f"mode={req.mode!r} needs model= a video model; available: {', '.join(names) or 'none'}")
+                raise InputError(
+                    f"mode={req.mode!r} needs model= a video model; available: {', '.join(names) or 'none'}"
+                )
             family = find_video_model(self.roots.models_dir, req.model).family
             if family == "animatediff":
                 values["base_model"] = self._animatediff_base(req.base_model)
@@ -737,19 +846,30 @@ class Studio:
                 for spec in req.loras:
                     lora_format(self.roots.resolve("loras", spec.name, loras))
             elif req.loras:
-                raise InputError(f"loras: only AnimateDiff (SD1.5) videos take LoRAs; {req.model!r} is {family}")
+                raise InputError(
+                    f"loras: only AnimateDiff (SD1.5) videos take LoRAs; {req.model!r} is {family}"
+                )
         if first_prompt and req.needs_first_frame() and not (req.image or req.generation_id):
             default_w, default_h = VIDEO_FAMILIES[family].default_size if family else (512, 512)
-            values["first_frame"] = self.build_generate_request({
-                "prompt": first_prompt, "negative_prompt": req.negative_prompt, "model": first_model,
-                "seed": req.seed, "width": req.width or default_w, "height": req.height or default_h})  # fmt: skip
+            values["first_frame"] = self.build_generate_request(
+                {
+                    "prompt": first_prompt,
+                    "negative_prompt": req.negative_prompt,
+                    "model": first_model,
+                    "seed": req.seed,
+                    "width": req.width or default_w,
+                    "height": req.height or default_h,
+                }
+            )
         req = VideoRequest.build(**values)
         path = req.image
         if req.generation_id:
             d = self.generation(req.generation_id)
             if not d.file_exists or not d.image_path or d.image_path.lower().endswith(VIDEO_SUFFIXES):
-                raise InputError(f"generation_id={req.generation_id!r} is not an image with its file (a clip "
-                                 "cannot be a first frame)")  # fmt: skip
+                raise InputError(
+                    f"generation_id={req.generation_id!r} is not an image with its file (a clip "
+                    "cannot be a first frame)"
+                )
             path = d.image_path
         image = None
         if path and req.needs_first_frame():
@@ -771,7 +891,10 @@ class Studio:
 
         def is_sd15(path: Path) -> bool:
             try:
-                return json.loads((path / "model_index.json").read_text()).get("_class_name") == "StableDiffusionPipeline"
+                return (
+                    json.loads((path / "model_index.json").read_text()).get("_class_name")
+                    == "StableDiffusionPipeline"
+                )
             except (OSError, ValueError):
                 return False
 
@@ -779,8 +902,10 @@ class Studio:
             base = self.match_model(name) or name
             path = self.roots.resolve("diffusers", base, models)
             if path.is_dir() and not is_sd15(path):
-                raise InputError(f"base_model={name!r} is not an SD1.5 model; AnimateDiff motion adapters animate "
-                                 "SD1.5 models (StableDiffusionPipeline folders or SD1 checkpoints)")  # fmt: skip
+                raise InputError(
+                    f"base_model={name!r} is not an SD1.5 model; AnimateDiff motion adapters animate "
+                    "SD1.5 models (StableDiffusionPipeline folders or SD1 checkpoints)"
+                )
             return base
         for candidate, path in models.items():
             if path.is_dir() and is_sd15(path):
@@ -790,14 +915,9 @@ class Studio:
     # --- media library and variants -----------------------------------------------------------
     @property
     def library(self):
-        from engine.library import Library
-        from engine.variants import library_root
-
         return Library(self.db, library_root(self.settings.outputs_dir))
 
     def build_variants_request(self, values: dict[str, Any]):
-        from engine.variants import VariantsRequest, plan
-
         req = VariantsRequest.build(**values)
         return req, plan(req, self.library)  # nothing selected, unknown ids, over the limit: refused now
 
@@ -816,34 +936,37 @@ class Studio:
         """Text to speech (built-in espeak-ng voice or an OpenAI-compatible server), saved as a library audio."""
         import tempfile
 
-        from engine.library import public_item
-        from engine.media.tts import SpeechRequest, speak
-
         req = SpeechRequest(**values)
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-speech-", dir=self.settings.cache_dir))
         try:
             result = speak(req, tmp / "speech.wav")
             words = " ".join(req.text.split()[:6])
-            item = self.library.add_file(result.path, name=name or f"speech: {words}", tags=tags,
-                                         collection_id=collection_id or None, kind="audio")  # fmt: skip
+            item = self.library.add_file(
+                result.path,
+                name=name or f"speech: {words}",
+                tags=tags,
+                collection_id=collection_id or None,
+                kind="audio",
+            )
         finally:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
-        return {**public_item(item, self.library.root), "voice": result.voice, "backend": result.backend,
-                "sample_rate": result.sample_rate, "speech_seconds": round(result.duration, 3)}  # fmt: skip
+        return {
+            **public_item(item, self.library.root),
+            "voice": result.voice,
+            "backend": result.backend,
+            "sample_rate": result.sample_rate,
+            "speech_seconds": round(result.duration, 3),
+        }
 
     def submit_motion_clip(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        from engine.variants import MotionClipRequest
-
         req = MotionClipRequest.build(**values)
         if self.library.item(req.image_id).kind != "image":
             raise InputError(f"image_id={req.image_id!r} is not an image in the library")
         return self.jobs.submit("motion_clip", req, owner=owner)
 
     def submit_join_clips(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        from engine.variants import JoinClipsRequest
-
         values = dict(values)
         if values.get("subtitles"):
             path = Path(self.checked_upload(values["subtitles"], "subtitles"))
@@ -859,8 +982,6 @@ class Studio:
 
     def run_and_wait(self, job_id: str) -> dict:
         """Wait for a short media job; its result, or a StudioError saying how it ended."""
-        from engine.errors import StudioError
-
         for event in self.watch(job_id):
             if event["type"] == "done":
                 return event["result"]
@@ -869,8 +990,6 @@ class Studio:
         raise StudioError(f"job {job_id} ended without a result")
 
     def voices(self) -> list[str]:
-        from engine.media.tts import list_voices
-
         return sorted({v.name for v in list_voices()} | {"en", "en-us"})
 
     def batch_zip(self, batch_id: str) -> str:
@@ -889,7 +1008,7 @@ class Studio:
 
     def submit_generate(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         req = self.build_generate_request(values)
-        return self.jobs.submit("comfy_generate" if req.engine == "comfyui" else "generate", req, owner=owner)
+        return self.jobs.submit(req.job_kind, req, owner=owner)
 
     def watch(self, job_id: str) -> Iterator[dict]:
         return self.jobs.watch(job_id)
@@ -927,15 +1046,17 @@ class Studio:
         from sqlalchemy import func
         from sqlmodel import select
 
-        from engine.store import Asset, MediaItem
-
         rows: list[dict] = []
         with self.db.session() as s:
-            for kind, n, size in s.exec(select(MediaItem.kind, func.count(), func.coalesce(func.sum(MediaItem.size), 0))
-                                        .group_by(MediaItem.kind)):  # fmt: skip
+            for kind, n, size in s.exec(
+                select(MediaItem.kind, func.count(), func.coalesce(func.sum(MediaItem.size), 0)).group_by(
+                    MediaItem.kind
+                )
+            ):
                 rows.append({"kind": f"library {kind}s", "files": n, "bytes": int(size)})
-            for kind, n, size in s.exec(select(Asset.kind, func.count(), func.coalesce(func.sum(Asset.size), 0))
-                                        .group_by(Asset.kind)):  # fmt: skip
+            for kind, n, size in s.exec(
+                select(Asset.kind, func.count(), func.coalesce(func.sum(Asset.size), 0)).group_by(Asset.kind)
+            ):
                 label = "variant batches" if kind == "video" else f"generated {kind}s"
                 rows.append({"kind": label, "files": n, "bytes": int(size)})
         n, size = _tree_size(self.settings.models_dir)

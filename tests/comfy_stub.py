@@ -150,14 +150,20 @@ def node_schemas(input_files: list[str]) -> dict[str, dict]:
         ),
         # as nodes.py declares them (LoadImageMask, RepeatLatentBatch), for the img2img and inpaint templates
         "LoadImageMask": _node(
-            {"required": {"image": [sorted(input_files), {"image_upload": True}],
-                          "channel": [["alpha", "red", "green", "blue"]]}},
-            ("MASK",), "mask",
-        ),  # fmt: skip
+            {
+                "required": {
+                    "image": [sorted(input_files), {"image_upload": True}],
+                    "channel": [["alpha", "red", "green", "blue"]],
+                }
+            },
+            ("MASK",),
+            "mask",
+        ),
         "RepeatLatentBatch": _node(
             {"required": {"samples": ["LATENT"], "amount": ["INT", {"default": 1, "min": 1, "max": 64}]}},
-            ("LATENT",), "latent/batch",
-        ),  # fmt: skip
+            ("LATENT",),
+            "latent/batch",
+        ),
         "SetLatentNoiseMask": _node(
             {"required": {"samples": ["LATENT"], "mask": ["MASK"]}}, ("LATENT",), "latent/inpaint"
         ),
@@ -657,7 +663,10 @@ class ComfyStub:
         elif kind == "LoadImage":
             values[node_id] = {"size": (64, 64), "batch": 1, "color": (128, 128, 128)}
         elif kind == "RepeatLatentBatch":
-            values[node_id] = {**(resolve("samples") or {"size": (64, 64)}), "batch": int(inputs.get("amount", 1))}
+            values[node_id] = {
+                **(resolve("samples") or {"size": (64, 64)}),
+                "batch": int(inputs.get("amount", 1)),
+            }
         else:
             values[node_id] = resolve("model") or resolve("samples") or {}
         return None

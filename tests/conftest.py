@@ -27,7 +27,7 @@ def models_dir(tmp_path_factory) -> Path:
     """A models folder with the demo model and three LoRAs (kohya, diffusers, and a LoHa to refuse), a VAE,
     an embedding, a ControlNet, tiny SDXL models, a single-file checkpoint, upscalers (Compact, SD x4) and
     tiny video models (SVD, LTX-Video, an AnimateDiff motion adapter)."""
-    from engine.demo_model import ensure_demo_model
+    from engine.model_manager.demo_model import ensure_demo_model
     from engine.paths import ModelRoots
 
     root = tmp_path_factory.mktemp("models")

@@ -25,10 +25,22 @@ def make_lora_state(model_dir: Path, rank: int = 4, alpha: float = 4.0, seed: in
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_pretrained(model_dir / "unet")
     te = CLIPTextModel.from_pretrained(model_dir / "text_encoder")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))  # fmt: skip
-    te.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=False,
-                              target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))  # fmt: skip
+    unet.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=False,
+            target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        )
+    )
+    te.add_adapter(
+        LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            init_lora_weights=False,
+            target_modules=["q_proj", "k_proj", "v_proj", "out_proj"],
+        )
+    )
     unet_state = {k: v * scale for k, v in get_peft_model_state_dict(unet).items()}
     te_state = {k: v * scale for k, v in get_peft_model_state_dict(te).items()}
     return unet_state, te_state
@@ -39,8 +51,9 @@ def save_diffusers_lora(path: Path, model_dir: Path, seed: int = 0) -> Path:
 
     unet_state, te_state = make_lora_state(model_dir, seed=seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=unet_state,
-                                              text_encoder_lora_layers=te_state, weight_name=path.name)  # fmt: skip
+    StableDiffusionPipeline.save_lora_weights(
+        path.parent, unet_lora_layers=unet_state, text_encoder_lora_layers=te_state, weight_name=path.name
+    )
     return path
 
 
@@ -59,8 +72,12 @@ def save_kohya_lora(path: Path, model_dir: Path, seed: int = 1, rank: int = 4, a
             name = f"{prefix}_{module.replace('.', '_')}"
             out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = tensor.contiguous()
             out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    meta = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": str(alpha),
-            "ss_base_model_version": "sd_v1"}  # fmt: skip
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": str(alpha),
+        "ss_base_model_version": "sd_v1",
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path), metadata=meta)
     return path
@@ -71,8 +88,14 @@ def save_loha(path: Path) -> Path:
     from safetensors.torch import save_file
 
     key = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
-    save_file({f"{key}.hada_w1_a": torch.zeros(4, 4), f"{key}.hada_w1_b": torch.zeros(4, 4),
-               f"{key}.alpha": torch.tensor(4.0)}, str(path))  # fmt: skip
+    save_file(
+        {
+            f"{key}.hada_w1_a": torch.zeros(4, 4),
+            f"{key}.hada_w1_b": torch.zeros(4, 4),
+            f"{key}.alpha": torch.tensor(4.0),
+        },
+        str(path),
+    )
     return path
 
 
@@ -90,8 +113,18 @@ class AppProcess:
     ):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.args = [sys.executable, str(REPO / "app.py"), "--demo", "--data-dir", str(data_dir), "--models-dir",
-                     str(models_dir), "--port", str(self.port), *extra]  # fmt: skip
+        self.args = [
+            sys.executable,
+            str(REPO / "app.py"),
+            "--demo",
+            "--data-dir",
+            str(data_dir),
+            "--models-dir",
+            str(models_dir),
+            "--port",
+            str(self.port),
+            *extra,
+        ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.log_path = Path(data_dir) / f"app-{self.port}-{int(time.time() * 1000)}.log"
         self.proc: subprocess.Popen | None = None
@@ -142,8 +175,10 @@ def save_vae_file(path: Path, model_dir: Path, seed: int = 3) -> Path:
 
     vae = AutoencoderKL.from_pretrained(model_dir / "vae")
     torch.manual_seed(seed)
-    sd = {k: (v + 0.05 * torch.randn_like(v) if k.startswith("decoder.") else v).contiguous()
-          for k, v in vae.state_dict().items()}  # fmt: skip
+    sd = {
+        k: (v + 0.05 * torch.randn_like(v) if k.startswith("decoder.") else v).contiguous()
+        for k, v in vae.state_dict().items()
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path))
     return path
@@ -189,35 +224,80 @@ def build_tiny_sdxl(refiner: bool = False):
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.demo_model import build_tokenizer
+    from engine.model_manager.demo_model import build_tokenizer
 
     torch.manual_seed(7 if refiner else 6)
-    te_cfg = CLIPTextConfig(bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32,
-                            intermediate_size=37, layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=5,
-                            vocab_size=514, max_position_embeddings=77, projection_dim=32)  # fmt: skip
+    te_cfg = CLIPTextConfig(
+        bos_token_id=512,
+        eos_token_id=513,
+        pad_token_id=513,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=514,
+        max_position_embeddings=77,
+        projection_dim=32,
+    )
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=72 if refiner else 80, cross_attention_dim=48 if refiner else 80,
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=72 if refiner else 80,
+        cross_attention_dim=48 if refiner else 80,
         norm_num_groups=1,
-    )  # fmt: skip
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        latent_channels=4, sample_size=64, norm_num_groups=32)  # fmt: skip
-    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        latent_channels=4,
+        sample_size=64,
+        norm_num_groups=32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
+    )
     # text_encoder_2 wider than text_encoder, as in real SDXL (768 vs 1280): single-file loading tells the
     # two encoders of a checkpoint apart by width
     te2 = CLIPTextModelWithProjection(CLIPTextConfig(**{**te_cfg.to_dict(), "hidden_size": 48}))
     if refiner:
-        return StableDiffusionXLImg2ImgPipeline(vae=vae, text_encoder=None, text_encoder_2=te2, tokenizer=None,
-                                                tokenizer_2=build_tokenizer(), unet=unet, scheduler=scheduler,
-                                                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False)  # fmt: skip
-    return StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(te_cfg), text_encoder_2=te2,
-                                     tokenizer=build_tokenizer(), tokenizer_2=build_tokenizer(), unet=unet,
-                                     scheduler=scheduler)  # fmt: skip
+        return StableDiffusionXLImg2ImgPipeline(
+            vae=vae,
+            text_encoder=None,
+            text_encoder_2=te2,
+            tokenizer=None,
+            tokenizer_2=build_tokenizer(),
+            unet=unet,
+            scheduler=scheduler,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=CLIPTextModel(te_cfg),
+        text_encoder_2=te2,
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
 
 
 def save_compact_upscaler(path: Path, scale: int = 4) -> Path:
@@ -227,5 +307,7 @@ def save_compact_upscaler(path: Path, scale: int = 4) -> Path:
 
     torch.manual_seed(5)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale).state_dict(), str(path))
+    torch.save(
+        Compact(num_in_ch=3, num_out_ch=3, num_feat=8, num_conv=2, upscale=scale).state_dict(), str(path)
+    )
     return path

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import torch
 
-_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
-           ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))  # fmt: skip
+_RESNET = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+)
 
 
 def _rename_resnet(rest: str) -> str:
@@ -26,9 +32,15 @@ def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Te
     n = config["layers_per_block"]
     levels = len(config["block_out_channels"])
     up_has_attn = ["CrossAttn" in t for t in config["up_block_types"]]
-    fixed = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}  # fmt: skip
+    fixed = {
+        "time_embedding.linear_1": "time_embed.0",
+        "time_embedding.linear_2": "time_embed.2",
+        "add_embedding.linear_1": "label_emb.0.0",
+        "add_embedding.linear_2": "label_emb.0.2",
+        "conv_in": "input_blocks.0.0",
+        "conv_norm_out": "out.0",
+        "conv_out": "out.2",
+    }
     out: dict[str, torch.Tensor] = {}
     for key, value in sd.items():
         parts = key.split(".")
@@ -112,9 +124,12 @@ def open_clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     sd = hf_clip_keys(sd)
     out: dict[str, torch.Tensor] = {}
     qkv: dict[str, dict[str, torch.Tensor]] = {}
-    top = {"text_model.embeddings.position_embedding.weight": "positional_embedding",
-           "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-           "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}  # fmt: skip
+    top = {
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
     for key, value in sd.items():
         if key in top:
             out[prefix + top[key]] = value
@@ -130,9 +145,13 @@ def open_clip_to_ldm(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
                     qkv.setdefault(f"{base}attn.in_proj_{kind}", {})[proj] = value
                     break
             else:
-                rest = (rest.replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2")
-                        .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj")
-                        .replace("self_attn.out_proj", "attn.out_proj"))  # fmt: skip
+                rest = (
+                    rest.replace("layer_norm1", "ln_1")
+                    .replace("layer_norm2", "ln_2")
+                    .replace("mlp.fc1", "mlp.c_fc")
+                    .replace("mlp.fc2", "mlp.c_proj")
+                    .replace("self_attn.out_proj", "attn.out_proj")
+                )
                 out[base + rest] = value
         elif key != "text_model.embeddings.position_ids":
             raise KeyError(f"no OpenCLIP name for {key}")
@@ -145,8 +164,10 @@ def export_sdxl_checkpoint(pipe, target: Path) -> Path:
     """A tiny diffusers SDXL base or refiner pipeline as an original SDXL single-file checkpoint."""
     from safetensors.torch import save_file
 
-    sd = {**unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)),
-          **vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config))}  # fmt: skip
+    sd = {
+        **unet_to_ldm(pipe.unet.state_dict(), dict(pipe.unet.config)),
+        **vae_to_ldm(pipe.vae.state_dict(), dict(pipe.vae.config)),
+    }
     if pipe.text_encoder is not None:  # base: CLIP-L in HF layout, OpenCLIP-G in its own
         sd.update(
             {

@@ -9,7 +9,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-from engine.infotext import parse_infotext
+from engine.gallery.infotext import parse_infotext
 
 SMALL = dict(prompt="a castle", negative_prompt="", steps=4, width=64, height=64)
 
@@ -164,7 +164,11 @@ def test_readme_characters_example_runs(app, tmp_path):
             Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
             z.write(tmp_path / f"{i}.png", f"frames/{i}.png")
     readme = (REPO / "README.md").read_text()
-    code = readme.split("Characters and their datasets from a script:", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    code = (
+        readme.split("Characters and their datasets from a script:", 1)[1]
+        .split("```python", 1)[1]
+        .split("```", 1)[0]
+    )
     code = code.replace("http://127.0.0.1:7860/", app.url).replace('"frames.zip"', repr(str(archive)))
     code = code.replace('name="Nova"', 'name="Nova Readme"')  # other tests share the app
     namespace: dict = {}

@@ -19,12 +19,32 @@ from tests.factories import save_kohya_lora
 
 TAG = uuid.uuid4().hex[:6]  # the app is shared by the whole session: names must not collide
 SMALL = dict(steps=2, width=64, height=64)
-ENDPOINTS = {"/save_character", "/list_characters", "/get_character", "/delete_character", "/create_project",
-             "/update_project",
-             "/upload_lora", "/attach_lora", "/delete_lora", "/reference_sheet", "/effective_negative",
-             "/rejection_terms", "/set_rejection_terms", "/ingest", "/review_queue", "/review", "/undo_review",
-             "/set_caption", "/replace_captions", "/auto_caption", "/suggest_character", "/regenerate_rejected",
-             "/dataset_stats", "/generate"}  # fmt: skip
+ENDPOINTS = {
+    "/save_character",
+    "/list_characters",
+    "/get_character",
+    "/delete_character",
+    "/create_project",
+    "/update_project",
+    "/upload_lora",
+    "/attach_lora",
+    "/delete_lora",
+    "/reference_sheet",
+    "/effective_negative",
+    "/rejection_terms",
+    "/set_rejection_terms",
+    "/ingest",
+    "/review_queue",
+    "/review",
+    "/undo_review",
+    "/set_caption",
+    "/replace_captions",
+    "/auto_caption",
+    "/suggest_character",
+    "/regenerate_rejected",
+    "/dataset_stats",
+    "/generate",
+}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +53,9 @@ def client(app):
 
 
 def new_character(client, who: str, **fields) -> dict:
-    values = dict(name=f"Api {who} {TAG}", trigger_word=f"{who.lower()}{TAG}", design_prompt="red hair, green eyes")
+    values = dict(
+        name=f"Api {who} {TAG}", trigger_word=f"{who.lower()}{TAG}", design_prompt="red hair, green eyes"
+    )
     return client.predict(**{**values, **fields}, api_name="/save_character")
 
 
@@ -58,7 +80,9 @@ def test_character_endpoints_are_named_and_page_helpers_are_not(client):
     assert names >= ENDPOINTS, ENDPOINTS - names
     helpers = ("fill", "after", "show", "focus", "pick", "describe", "lambda", "refresh", "character_style")
     assert not [n for n in names if any(h in n for h in helpers)]
-    assert [p["parameter_name"] for p in api["named_endpoints"]["/list_characters"]["parameters"]] == ["project"]
+    assert [p["parameter_name"] for p in api["named_endpoints"]["/list_characters"]["parameters"]] == [
+        "project"
+    ]
     generate = [p["parameter_name"] for p in api["named_endpoints"]["/generate"]["parameters"]]
     assert {"character", "dataset_review"} <= set(generate)
 
@@ -69,8 +93,14 @@ def test_create_update_list_and_get_a_character(client):
     assert made["effective_negative"] == [{"term": "lowres", "source": "character"}]
     assert made["effective_style"]["steps"] == {"value": 20, "source": "default"}
 
-    updated = client.predict(character=made["slug"], trigger_word=f"ada{TAG}", design_prompt="red hair, freckles",
-                             negative_prompt="lowres", steps=2, api_name="/save_character")  # fmt: skip
+    updated = client.predict(
+        character=made["slug"],
+        trigger_word=f"ada{TAG}",
+        design_prompt="red hair, freckles",
+        negative_prompt="lowres",
+        steps=2,
+        api_name="/save_character",
+    )
     assert updated["id"] == made["id"] and updated["name"] == made["name"] and updated["revision"] == 2
     assert updated["design_prompt"] == "red hair, freckles"
     assert updated["effective_style"]["steps"] == {"value": 2, "source": "character"}
@@ -97,7 +127,11 @@ def test_a_character_inherits_its_projects_style(client):
     updated = client.predict(project=project["slug"], sampler="DDIM", steps=7, api_name="/update_project")
     assert updated["style"] == {"sampler": "DDIM", "steps": 7}
     style = client.predict(kid["slug"], api_name="/get_character")["effective_style"]
-    assert style["steps"]["value"] == 7 and style["sampler"]["value"] == "DDIM" and style["width"]["source"] == "default"
+    assert (
+        style["steps"]["value"] == 7
+        and style["sampler"]["value"] == "DDIM"
+        and style["width"]["source"] == "default"
+    )
     assert style["cfg_scale"] == {"value": 5.0, "source": "character"}
 
 
@@ -108,10 +142,18 @@ def test_ingest_review_undo_negatives_and_captions(client, tmp_path):
         z.write(noise_png(tmp_path / "z.png", 3), "good.png")
         z.write(noise_png(tmp_path / "e.png", 4), "../evil.png")
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not an image at all")
-    files = [noise_png(tmp_path / "a.png", 1), noise_png(tmp_path / "b.png", 2), tmp_path / "set.zip",
-             tmp_path / "corrupt.png"]  # fmt: skip
+    files = [
+        noise_png(tmp_path / "a.png", 1),
+        noise_png(tmp_path / "b.png", 2),
+        tmp_path / "set.zip",
+        tmp_path / "corrupt.png",
+    ]
     result = client.predict(slug, [handle_file(str(f)) for f in files], api_name="/ingest")
-    assert sorted(a["source"] for a in result["added"]) == ["upload:a.png", "upload:b.png", "zip:set.zip!good.png"]
+    assert sorted(a["source"] for a in result["added"]) == [
+        "upload:a.png",
+        "upload:b.png",
+        "zip:set.zip!good.png",
+    ]
     skipped = {s["source"]: s["reason"] for s in result["skipped"]}
     assert set(skipped) == {"zip:set.zip!../evil.png", "upload:corrupt.png"}
     assert "escapes" in skipped["zip:set.zip!../evil.png"] and "corrupt" in skipped["upload:corrupt.png"]
@@ -134,12 +176,16 @@ def test_ingest_review_undo_negatives_and_captions(client, tmp_path):
     assert {"term": "blurry", "source": "rejected: blurry x1"} in negative
     undone = client.predict(slug, api_name="/undo_review")
     assert undone["undone"] == rejected["action_id"] and undone["rejected"] == 0 and undone["pending"] == 1
-    assert not [t for t in client.predict(slug, api_name="/effective_negative") if t["source"].startswith("rejected")]
+    assert not [
+        t for t in client.predict(slug, api_name="/effective_negative") if t["source"].startswith("rejected")
+    ]
 
     captioned = client.predict(keep[0], f"a red scarf, {trigger}, smiling", api_name="/set_caption")
     assert captioned["caption"].split(", ")[0] == trigger and "a red scarf" in captioned["caption"]
     assert client.predict(slug, "red scarf", "blue scarf", api_name="/replace_captions")["changed"] == 1
-    approved_items = {it["id"]: it for it in client.predict(slug, "approved", api_name="/review_queue")["items"]}
+    approved_items = {
+        it["id"]: it for it in client.predict(slug, "approved", api_name="/review_queue")["items"]
+    }
     assert approved_items[keep[0]]["caption"] == f"{trigger}, a blue scarf, smiling"
     stats = client.predict(slug, api_name="/dataset_stats")
     assert (stats["approved"], stats["pending"], stats["rejected"], stats["trainable"]) == (2, 1, 0, False)
@@ -149,12 +195,20 @@ def test_ingest_review_undo_negatives_and_captions(client, tmp_path):
 def test_generate_with_a_character_then_regenerate_the_rejected_image(client):
     c = new_character(client, "Cy")
     try:
-        _, infotext, job_id, *_ = client.predict(prompt="in a forest", seed=5, **SMALL, character=c["slug"],
-                                                 dataset_review=True, api_name="/generate")  # fmt: skip
+        _, infotext, job_id, *_ = client.predict(
+            prompt="in a forest",
+            seed=5,
+            **SMALL,
+            character=c["slug"],
+            dataset_review=True,
+            api_name="/generate",
+        )
     except AppError as e:
         if "is not in the list of choices" in str(e):
-            pytest.xfail("ui/generate_tab.py: the Character dropdown's choices are fixed at build time and it "
-                         "lacks allow_custom_value, so /generate refuses any character made since")  # fmt: skip
+            pytest.xfail(
+                "ui/generate_tab.py: the Character dropdown's choices are fixed at build time and it "
+                "lacks allow_custom_value, so /generate refuses any character made since"
+            )
         raise
     assert infotext.startswith(f"{c['trigger_word']}, red hair, green eyes, in a forest\n")
     [item] = client.predict(c["slug"], api_name="/review_queue")["items"]
@@ -176,7 +230,9 @@ def test_generate_with_a_character_then_regenerate_the_rejected_image(client):
 def test_lora_versions_reference_sheet_and_regenerating_a_rejected_view(client, models_dir, tmp_path):
     c = new_character(client, "Dee", **SMALL)
     lora_name = f"api_dee_{TAG}"
-    lora = save_kohya_lora(tmp_path / f"{lora_name}.safetensors", models_dir / "diffusers" / "studionova-demo", seed=4)
+    lora = save_kohya_lora(
+        tmp_path / f"{lora_name}.safetensors", models_dir / "diffusers" / "studionova-demo", seed=4
+    )
     row = client.predict(handle_file(str(lora)), "", c["slug"], api_name="/upload_lora")
     assert (row["name"], row["version"], row["format"], row["base_model"]) == (lora_name, 1, "kohya", "sd_v1")
     assert row["metadata"]["ss_network_dim"] == "4" and len(row["sha256"]) == 64
@@ -187,23 +243,33 @@ def test_lora_versions_reference_sheet_and_regenerating_a_rejected_view(client, 
         client.predict(handle_file(str(tmp_path / "pickled.ckpt")), "", c["slug"], api_name="/upload_lora")
     (tmp_path / "fake.safetensors").write_bytes(b"not a header")
     with pytest.raises(AppError, match=r"fake.safetensors is not a valid \.safetensors file"):
-        client.predict(handle_file(str(tmp_path / "fake.safetensors")), "", c["slug"], api_name="/upload_lora")
+        client.predict(
+            handle_file(str(tmp_path / "fake.safetensors")), "", c["slug"], api_name="/upload_lora"
+        )
 
-    sheet = client.predict(c["slug"], seed=42, views=["front"], expressions=["smiling"], **SMALL,
-                           api_name="/reference_sheet")  # fmt: skip
-    assert sheet["sheet_file"].endswith(".png") and [v["view"] for v in sheet["views"]] == ["front", "smiling"]
+    sheet = client.predict(
+        c["slug"], seed=42, views=["front"], expressions=["smiling"], **SMALL, api_name="/reference_sheet"
+    )
+    assert sheet["sheet_file"].endswith(".png") and [v["view"] for v in sheet["views"]] == [
+        "front",
+        "smiling",
+    ]
     assert {v["seed"] for v in sheet["views"]} == {42} and len(sheet["dataset_items"]) == 2
     assert sheet["sheet_file"] in client.predict(c["slug"], api_name="/get_character")["sheets"]
 
-    front = next(it for it in client.predict(c["slug"], api_name="/review_queue")["items"]
-                 if it["source"].endswith("#front"))  # fmt: skip
+    front = next(
+        it
+        for it in client.predict(c["slug"], api_name="/review_queue")["items"]
+        if it["source"].endswith("#front")
+    )
     client.predict(c["slug"], [front["id"]], "reject", ["blurry"], api_name="/review")
     regen = client.predict(c["slug"], api_name="/regenerate_rejected")
     assert [j["item_id"] for j in regen["jobs"]] == [front["id"]]
     assert wait_for_job(client, regen["jobs"][0]["job_id"])["status"] == "succeeded"
     pending = client.predict(c["slug"], "pending", api_name="/review_queue")["items"]
-    assert len(pending) == 2 and any(it["source"].startswith(f"generation:{regen['jobs'][0]['job_id']}")
-                                     for it in pending)  # fmt: skip
+    assert len(pending) == 2 and any(
+        it["source"].startswith(f"generation:{regen['jobs'][0]['job_id']}") for it in pending
+    )
 
     assert client.predict(lora_name, api_name="/delete_lora") == {"deleted": lora_name}
     view = client.predict(c["slug"], api_name="/get_character")
@@ -233,8 +299,14 @@ def test_train_lora_options_and_errors_through_the_api(client):
     backend and a bad concept are refused with what is wrong and what is allowed, before any job exists."""
     c = new_character(client, "Trainer Api")
     with pytest.raises(AppError, match="no approved images"):
-        client.predict(character=c["slug"], max_train_epochs=2, caption_dropout=0.1, keep_tokens=1,
-                       prior_loss_weight=1.0, api_name="/train_lora")  # fmt: skip
+        client.predict(
+            character=c["slug"],
+            max_train_epochs=2,
+            caption_dropout=0.1,
+            keep_tokens=1,
+            prior_loss_weight=1.0,
+            api_name="/train_lora",
+        )
     with pytest.raises(AppError, match="kohya.*--kohya-dir"):
         client.predict(character=c["slug"], backend="kohya", api_name="/train_lora")
     with pytest.raises(AppError, match=r"'sd-scripts'.*\['builtin', 'kohya'\]"):
@@ -247,6 +319,7 @@ def test_a_character_and_a_project_take_a_default_engine(client):
     c = new_character(client, "Engined", engine="comfyui")
     view = client.predict(c["slug"], api_name="/get_character")
     assert view["style"]["engine"] == "comfyui" and view["effective_style"]["engine"]["value"] == "comfyui"
-    project = client.predict(f"Engine Project {TAG}", "", "", None, None, None, None, "local",
-                             api_name="/create_project")  # fmt: skip
+    project = client.predict(
+        f"Engine Project {TAG}", "", "", None, None, None, None, "local", api_name="/create_project"
+    )
     assert project["style"] == {"engine": "local"}

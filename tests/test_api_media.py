@@ -19,8 +19,9 @@ def client(app):
 
 def test_library_hooks_and_a_variant_batch_through_the_api(client, tmp_path):
     clip, tone = make_clip(tmp_path / "-y.mp4"), make_tone(tmp_path / "music.wav", 440)
-    added = client.predict([handle_file(str(clip)), handle_file(str(tone))], "api, test", "",
-                           api_name="/library_add")  # fmt: skip
+    added = client.predict(
+        [handle_file(str(clip)), handle_file(str(tone))], "api, test", "", api_name="/library_add"
+    )
     assert [a["kind"] for a in added] == ["video", "audio"] and added[0]["name"] == "-y"
     assert added[0]["tags"] == ["api", "test"] and added[1]["duration"] == pytest.approx(3.0, abs=0.1)
     hooks = client.predict("a':textfile=/etc/passwd:x='\n%{eif:1/0:d}", "api", api_name="/add_hooks")
@@ -52,8 +53,13 @@ def test_library_hooks_and_a_variant_batch_through_the_api(client, tmp_path):
 
 def test_speak_saves_speech_into_the_audio_library(client):
     short = client.predict("Hello there.", api_name="/speak")
-    long = client.predict("Hello there. This is a much longer sentence, spoken by the built in voice. "
-                          "And a third one, to be sure.", "en", 1.0, api_name="/speak")  # fmt: skip
+    long = client.predict(
+        "Hello there. This is a much longer sentence, spoken by the built in voice. "
+        "And a third one, to be sure.",
+        "en",
+        1.0,
+        api_name="/speak",
+    )
     assert short["kind"] == "audio" and short["backend"] == "espeak" and "tts" in short["tags"]
     assert 0.3 < short["duration"] < long["duration"]
     assert short["name"].startswith("speech: Hello there.")
@@ -83,10 +89,12 @@ def test_join_clips_with_audio_and_subtitles(client, tmp_path):
     tone = make_tone(tmp_path / "bed.wav", 300, seconds=1.0)
     srt = tmp_path / "subs.srt"
     srt.write_text("1\n00:00:00,000 --> 00:00:02,000\nHello from the subtitles\n", encoding="utf-8")
-    va, vb, bed = client.predict([handle_file(str(a)), handle_file(str(b)), handle_file(str(tone))], "", "",
-                                 api_name="/library_add")  # fmt: skip
-    joined = client.predict(f"{va['id']},{vb['id']}", bed["id"], handle_file(str(srt)), "", 25,
-                            api_name="/join_clips")  # fmt: skip
+    va, vb, bed = client.predict(
+        [handle_file(str(a)), handle_file(str(b)), handle_file(str(tone))], "", "", api_name="/library_add"
+    )
+    joined = client.predict(
+        f"{va['id']},{vb['id']}", bed["id"], handle_file(str(srt)), "", 25, api_name="/join_clips"
+    )
     assert joined["kind"] == "video" and joined["duration"] == pytest.approx(2.5, abs=0.15)
     assert joined["has_audio"] and "joined" in joined["tags"]
     with pytest.raises(Exception, match="only videos can be joined|not found"):

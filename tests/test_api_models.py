@@ -10,7 +10,7 @@ import pytest
 from gradio_client import Client
 from PIL import Image
 
-from engine.infotext import parse_infotext
+from engine.gallery.infotext import parse_infotext
 from tests.factories import AppProcess
 from tests.hub_stub import HubStub
 
@@ -30,8 +30,9 @@ def online_app(hub, models_dir, model_configs, tmp_path_factory):
     for sub in ("diffusers", "loras"):
         (models / sub).symlink_to(models_dir / sub, target_is_directory=True)
     env = {"HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0"}
-    proc = AppProcess(tmp_path_factory.mktemp("appdata_online"), models, "--model-configs", str(model_configs),
-                      env=env).start()  # fmt: skip
+    proc = AppProcess(
+        tmp_path_factory.mktemp("appdata_online"), models, "--model-configs", str(model_configs), env=env
+    ).start()
     yield proc
     proc.stop()
 
@@ -42,13 +43,23 @@ def test_download_scan_and_generate_with_a_single_file_checkpoint(hub, online_ap
     hub.add_repo("acme/tiny-sd1", {"tiny-sd1.safetensors": data})
     client = Client(online_app.url, verbose=False)
 
-    result, status = client.predict(repo_id="acme/tiny-sd1", filename="tiny-sd1.safetensors", kind="checkpoints",
-                                    sha256=sha, api_name="/download_model")  # fmt: skip
+    result, status = client.predict(
+        repo_id="acme/tiny-sd1",
+        filename="tiny-sd1.safetensors",
+        kind="checkpoints",
+        sha256=sha,
+        api_name="/download_model",
+    )
     assert (result["status"], result["saved_as"]) == ("succeeded", "checkpoints/tiny-sd1.safetensors")
     assert "tiny-sd1.safetensors" in status
     rows = {r["name"]: r for r in client.predict(api_name="/list_model_files")}
     row = rows["tiny-sd1.safetensors"]
-    assert (row["kind"], row["family"], row["sha256"], row["short_hash"]) == ("checkpoints", "SD1.x", sha, sha[:10])
+    assert (row["kind"], row["family"], row["sha256"], row["short_hash"]) == (
+        "checkpoints",
+        "SD1.x",
+        sha,
+        sha[:10],
+    )
 
     listing = client.predict(api_name="/list_models")
     assert "tiny-sd1.safetensors" in {m["name"] for m in listing["models"]}
@@ -63,7 +74,12 @@ def test_download_scan_and_generate_with_a_single_file_checkpoint(hub, online_ap
     # A wrong expected hash is refused and leaves nothing in models/checkpoints.
     hub.add_repo("acme/other", {"other.safetensors": data})
     with pytest.raises(Exception, match="(?i)sha-?256"):
-        client.predict(repo_id="acme/other", filename="other.safetensors", kind="checkpoints", sha256="0" * 64,
-                       api_name="/download_model")  # fmt: skip
+        client.predict(
+            repo_id="acme/other",
+            filename="other.safetensors",
+            kind="checkpoints",
+            sha256="0" * 64,
+            api_name="/download_model",
+        )
     names = {r["name"] for r in client.predict(api_name="/list_model_files")}
     assert "other.safetensors" not in names

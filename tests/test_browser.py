@@ -12,8 +12,15 @@ from gradio_client import Client
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--disable-quic"]  # fmt: skip
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+]
 
 
 @contextmanager
@@ -84,8 +91,15 @@ def test_gallery_reuse_and_png_info_in_the_browser(app, tmp_path):
     from playwright.sync_api import expect
 
     client = Client(app.url, verbose=False)
-    files, *_ = client.predict(prompt="browser-gallery-word tower", negative_prompt="", steps=3, width=64,
-                               height=64, seed=4242, api_name="/generate")  # fmt: skip
+    files, *_ = client.predict(
+        prompt="browser-gallery-word tower",
+        negative_prompt="",
+        steps=3,
+        width=64,
+        height=64,
+        seed=4242,
+        api_name="/generate",
+    )
     with open_page(app.url) as page:
         page.get_by_role("tab", name="Gallery").click()
         page.locator("#gallery_text textarea, #gallery_text input").first.fill("browser-gallery-word")
@@ -99,8 +113,9 @@ def test_gallery_reuse_and_png_info_in_the_browser(app, tmp_path):
 
         page.get_by_role("tab", name="PNG Info").click()
         page.locator("#pnginfo_image input[type=file]").set_input_files(files[0]["image"])
-        expect(page.locator("#pnginfo_infotext textarea")).to_have_value(re.compile(r"Seed: 4242"),
-                                                                          timeout=30_000)  # fmt: skip
+        expect(page.locator("#pnginfo_infotext textarea")).to_have_value(
+            re.compile(r"Seed: 4242"), timeout=30_000
+        )
         page.screenshot(path=str(tmp_path / "pnginfo.png"), full_page=True)
 
 
@@ -237,13 +252,15 @@ def test_library_upload_search_rename_and_hooks_in_the_browser(app, tmp_path):
         expect(row).to_contain_text("320x180")
         row.get_by_role("gridcell").nth(2).click()
         expect(page.locator("#library_item_id input, #library_item_id textarea").first).not_to_have_value(
-            "", timeout=30_000)  # fmt: skip
+            "", timeout=30_000
+        )
         page.locator("#library_new_name input, #library_new_name textarea").first.fill("renamed in browser")
         page.locator("#library_save").click()
         page.locator("#library_text input, #library_text textarea").first.fill("renamed in browser")
         page.locator("#library_search").click()
-        expect(page.locator("#library_table").get_by_role("row", name=re.compile("renamed in browser"))).to_be_visible(
-            timeout=30_000)  # fmt: skip
+        expect(
+            page.locator("#library_table").get_by_role("row", name=re.compile("renamed in browser"))
+        ).to_be_visible(timeout=30_000)
 
         page.get_by_text("Hooks (short texts overlaid on variants)").click()
         page.locator("#hooks_text textarea").fill("browser hook one\nbrowser hook two")

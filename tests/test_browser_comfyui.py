@@ -19,8 +19,9 @@ def test_generate_on_comfyui_in_the_browser(models_dir, model_configs, tmp_path)
     from playwright.sync_api import expect
 
     stub = ComfyStub(render_delay=0.3, steps=4).start()
-    app = AppProcess(tmp_path / "data", models_dir, "--model-configs", str(model_configs),
-                     "--comfyui-urls", stub.url).start()  # fmt: skip
+    app = AppProcess(
+        tmp_path / "data", models_dir, "--model-configs", str(model_configs), "--comfyui-urls", stub.url
+    ).start()
     try:
         with open_page(app.url) as page:
             page.locator("#prompt textarea").fill("a lighthouse on a cliff")
@@ -33,9 +34,13 @@ def test_generate_on_comfyui_in_the_browser(models_dir, model_configs, tmp_path)
             page.locator("#generate_btn").click()
             expect(page.locator("#gallery img").first).to_be_visible(timeout=90_000)
             infotext = page.locator("#infotext textarea")
-            expect(infotext).to_have_value(re.compile(r"Steps: 4, .*Size: 64x64.*Model: sd15_tiny"), timeout=30_000)
+            expect(infotext).to_have_value(
+                re.compile(r"Steps: 4, .*Size: 64x64.*Model: sd15_tiny"), timeout=30_000
+            )
             job_id = page.locator("#job_id textarea, #job_id input").first.input_value()
-        assert Client(app.url, verbose=False).predict(job_id, api_name="/job_status")["kind"] == "comfy_generate"
+        assert (
+            Client(app.url, verbose=False).predict(job_id, api_name="/job_status")["kind"] == "comfy_generate"
+        )
         assert stub.submitted, "the stub server rendered it"
     finally:
         app.stop()

@@ -31,11 +31,14 @@ def test_train_in_the_browser_then_resume_after_a_crash(models_dir, model_config
         try:
             client = Client(app.url, verbose=False)
             c = client.predict(name="Browser Trainee", trigger_word="brtr", api_name="/save_character")
-            files = [handle_file(str(make_image(tmp_path / f"{i}.png", size=(64, 64), seed=700 + i)))
-                     for i in range(2)]  # fmt: skip
+            files = [
+                handle_file(str(make_image(tmp_path / f"{i}.png", size=(64, 64), seed=700 + i)))
+                for i in range(2)
+            ]
             added = client.predict(character=c["slug"], files=files, api_name="/ingest")["added"]
-            client.predict(character=c["slug"], item_ids=[a["id"] for a in added], action="approve",
-                           api_name="/review")  # fmt: skip
+            client.predict(
+                character=c["slug"], item_ids=[a["id"] for a in added], action="approve", api_name="/review"
+            )
             page.goto(app.url, wait_until="networkidle")
             page.get_by_role("tab", name="Train").click()
             expect(page.locator("#train_resume_note")).to_be_hidden()  # nothing was interrupted yet
@@ -58,7 +61,9 @@ def test_train_in_the_browser_then_resume_after_a_crash(models_dir, model_config
             app.kill9()
         finally:
             app.stop()
-        assert sorted((data / "training" / job_id / "checkpoints").glob("step-*")), "a checkpoint before the kill"
+        assert sorted((data / "training" / job_id / "checkpoints").glob("step-*")), (
+            "a checkpoint before the kill"
+        )
 
         app = AppProcess(data, models_dir, *extra, port=port).start()
         try:

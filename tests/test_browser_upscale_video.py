@@ -22,7 +22,9 @@ def test_gallery_to_upscale_and_video_in_the_browser(app, tmp_path):
     from playwright.sync_api import expect
 
     client = Client(app.url, verbose=False)
-    client.predict(prompt="browser-upscale-word harbour", steps=2, width=64, height=64, seed=77, api_name="/generate")
+    client.predict(
+        prompt="browser-upscale-word harbour", steps=2, width=64, height=64, seed=77, api_name="/generate"
+    )
     with open_page(app.url) as page:
         page.get_by_role("tab", name="Gallery").click()
         _field(page, "gallery_text").fill("browser-upscale-word")
@@ -56,8 +58,9 @@ def test_gallery_to_upscale_and_video_in_the_browser(app, tmp_path):
         fps.fill("8")
         fps.press("Enter")
         page.locator("#video_go").click()
-        expect(page.locator("#video_status")).to_contain_text(re.compile(r"succeeded · 8 frames at 8 fps"),
-                                                              timeout=90_000)  # fmt: skip
+        expect(page.locator("#video_status")).to_contain_text(
+            re.compile(r"succeeded · 8 frames at 8 fps"), timeout=90_000
+        )
         expect(page.locator("#video_result video")).to_be_visible(timeout=30_000)
         clip_id = _field(page, "video_result_id").input_value()
         page.screenshot(path=str(tmp_path / "video.png"), full_page=True)

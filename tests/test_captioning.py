@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.captioning import MAX_IMAGE_SIDE, VisionConfig, caption_image, suggest_character
+from engine.characters.captioning import MAX_IMAGE_SIDE, VisionConfig, caption_image, suggest_character
 from engine.errors import InputError, TransientError
 from tests.vision_stub import VisionStub, decode_data_url, request_parts
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine.characters import compose_negative, compose_prompt, merge_terms, split_terms
+from engine.characters.characters import compose_negative, compose_prompt, merge_terms, split_terms
 from engine.errors import InputError, NotFoundError
 from engine.requests import CharacterSnapshot, NegativeTerm
 
@@ -27,17 +27,33 @@ def wait(studio, job_id: str) -> dict:
 
 
 def test_split_and_merge_terms_keep_weighted_groups():
-    assert split_terms("a, (red, blue:1.2), [x, y], <lora:a:1>\nz") == ["a", "(red, blue:1.2)", "[x, y]",
-                                                                       "<lora:a:1>", "z"]  # fmt: skip
+    assert split_terms("a, (red, blue:1.2), [x, y], <lora:a:1>\nz") == [
+        "a",
+        "(red, blue:1.2)",
+        "[x, y]",
+        "<lora:a:1>",
+        "z",
+    ]
     assert merge_terms("blurry, bad hands", "Bad  Hands, lowres", ["blurry", "text"]) == [
-        "blurry", "bad hands", "lowres", "text"]  # fmt: skip
+        "blurry",
+        "bad hands",
+        "lowres",
+        "text",
+    ]
 
 
 def test_compose_prompt_and_negative():
-    snap = CharacterSnapshot(id="x", slug="nova", name="Nova", trigger_word="nova_chr",
-                             design_prompt="silver hair, red jacket",
-                             negative_terms=[NegativeTerm(term="blurry", source="character"),
-                                             NegativeTerm(term="bad hands", source="rejected: bad hands x2")])  # fmt: skip
+    snap = CharacterSnapshot(
+        id="x",
+        slug="nova",
+        name="Nova",
+        trigger_word="nova_chr",
+        design_prompt="silver hair, red jacket",
+        negative_terms=[
+            NegativeTerm(term="blurry", source="character"),
+            NegativeTerm(term="bad hands", source="rejected: bad hands x2"),
+        ],
+    )
     assert compose_prompt(snap, "on a rooftop") == "nova_chr, silver hair, red jacket, on a rooftop"
     assert compose_prompt(snap, "") == "nova_chr, silver hair, red jacket"
     assert compose_negative(snap, "lowres, BLURRY") == "blurry, bad hands, lowres"
@@ -61,16 +77,25 @@ def test_character_inherits_project_style_unless_overridden(studio):
 
 
 def test_generate_with_character_composes_and_records_it(studio):
-    from engine.store import Generation
+    from engine.store.database import Generation
 
-    c = studio.characters.create({"name": "Nova Prime", "trigger_word": "novaprime",
-                                  "design_prompt": "silver hair, red jacket", "negative_prompt": "lowres"})  # fmt: skip
+    c = studio.characters.create(
+        {
+            "name": "Nova Prime",
+            "trigger_word": "novaprime",
+            "design_prompt": "silver hair, red jacket",
+            "negative_prompt": "lowres",
+        }
+    )
     assert c.slug == "nova-prime"
-    jid, _ = studio.submit_generate({"prompt": "on a rooftop", "negative_prompt": "text, LOWRES", "seed": 5,
-                                     "character": c.slug, **FAST})  # fmt: skip
+    jid, _ = studio.submit_generate(
+        {"prompt": "on a rooftop", "negative_prompt": "text, LOWRES", "seed": 5, "character": c.slug, **FAST}
+    )
     img = wait(studio, jid)["images"][0]
     info = Image.open(img["path"]).info
-    assert info["parameters"].startswith("novaprime, silver hair, red jacket, on a rooftop\nNegative prompt: lowres, text\n")
+    assert info["parameters"].startswith(
+        "novaprime, silver hair, red jacket, on a rooftop\nNegative prompt: lowres, text\n"
+    )
     recipe = json.loads(info["studionova"])
     assert recipe["character"]["slug"] == "nova-prime" and recipe["character"]["revision"] == 1
     assert recipe["request"]["prompt"] == "on a rooftop"
@@ -84,10 +109,17 @@ def test_generate_with_character_composes_and_records_it(studio):
     studio.characters.update(c.slug, {"design_prompt": "black hair, blue coat"})
     assert Path(img["path"]).read_bytes() == before
     with studio.db.session() as s:
-        assert s.get(Generation, img["generation_id"]).recipe["character"]["design_prompt"] == "silver hair, red jacket"
+        assert (
+            s.get(Generation, img["generation_id"]).recipe["character"]["design_prompt"]
+            == "silver hair, red jacket"
+        )
     jid2, _ = studio.submit_generate({"prompt": "on a rooftop", "seed": 5, "character": c.slug, **FAST})
     img2 = wait(studio, jid2)["images"][0]
-    assert Image.open(img2["path"]).info["parameters"].startswith("novaprime, black hair, blue coat, on a rooftop")
+    assert (
+        Image.open(img2["path"])
+        .info["parameters"]
+        .startswith("novaprime, black hair, blue coat, on a rooftop")
+    )
     assert json.loads(Image.open(img2["path"]).info["studionova"])["character"]["revision"] == 2
     # the same seed with other prompt text draws another picture
     assert Image.open(img["path"]).tobytes() != Image.open(img2["path"]).tobytes()
@@ -145,12 +177,19 @@ def test_lora_upload_validates_registers_and_versions(studio, models_dir, tmp_pa
 
 
 def test_reference_sheet_from_text_and_ip_adapter_refusal(studio, tmp_path):
-    from engine.store import Asset
+    from engine.store.database import Asset
 
-    c = studio.characters.create({"name": "Sheet Girl", "trigger_word": "sheetgirl", "design_prompt": "green cape",
-                                  "style": {"steps": 2, "width": 64, "height": 64}})  # fmt: skip
-    jid, _ = studio.submit_reference_sheet({"character": c.slug, "seed": 77, "views": ["front", "side"],
-                                            "expressions": ["smiling"]})  # fmt: skip
+    c = studio.characters.create(
+        {
+            "name": "Sheet Girl",
+            "trigger_word": "sheetgirl",
+            "design_prompt": "green cape",
+            "style": {"steps": 2, "width": 64, "height": 64},
+        }
+    )
+    jid, _ = studio.submit_reference_sheet(
+        {"character": c.slug, "seed": 77, "views": ["front", "side"], "expressions": ["smiling"]}
+    )
     res = wait(studio, jid)
     assert [v["view"] for v in res["views"]] == ["front", "side", "smiling"]
     assert {v["seed"] for v in res["views"]} == {77}
@@ -168,11 +207,20 @@ def test_reference_sheet_from_text_and_ip_adapter_refusal(studio, tmp_path):
     src = studio.settings.outputs_dir / "ref-src.png"
     Image.new("RGB", (64, 64), "red").save(src)
     with pytest.raises(InputError, match="ipadapter"):
-        studio.submit_reference_sheet({"character": c.slug, "seed": 1, "source_image": str(src),
-                                       "use_ip_adapter": True})  # fmt: skip
+        studio.submit_reference_sheet(
+            {"character": c.slug, "seed": 1, "source_image": str(src), "use_ip_adapter": True}
+        )
     # img2img from the source image works
-    jid, _ = studio.submit_reference_sheet({"character": c.slug, "seed": 1, "source_image": str(src),
-                                            "views": ["back"], "expressions": [], "add_to_dataset": False})  # fmt: skip
+    jid, _ = studio.submit_reference_sheet(
+        {
+            "character": c.slug,
+            "seed": 1,
+            "source_image": str(src),
+            "views": ["back"],
+            "expressions": [],
+            "add_to_dataset": False,
+        }
+    )
     res = wait(studio, jid)
     assert "Denoising strength" in Image.open(res["views"][0]["path"]).info["parameters"]
     with pytest.raises(InputError, match="view 'top'"):
@@ -183,9 +231,12 @@ def test_character_style_loras_and_delete_fixes(studio, models_dir, tmp_path):
     from tests.factories import save_kohya_lora
 
     chars = studio.characters
-    a = chars.create({"name": "Style User", "style": {"steps": 3, "cfg_scale": 4.5, "width": 64, "height": 64}})
-    jid, _ = studio.submit_generate({"prompt": "x", "seed": 1, "character": a.slug, "use_character_style": True,
-                                     "sampler": "Euler"})  # fmt: skip
+    a = chars.create(
+        {"name": "Style User", "style": {"steps": 3, "cfg_scale": 4.5, "width": 64, "height": 64}}
+    )
+    jid, _ = studio.submit_generate(
+        {"prompt": "x", "seed": 1, "character": a.slug, "use_character_style": True, "sampler": "Euler"}
+    )
     assert "Steps: 3, Sampler: Euler a, CFG scale: 4.5" in wait(studio, jid)["images"][0]["infotext"]
     # a LoRA version belongs to one character: attaching it elsewhere is refused, the owner keeps working
     src = save_kohya_lora(tmp_path / "own.safetensors", models_dir / "diffusers" / "studionova-demo", seed=9)
@@ -196,7 +247,9 @@ def test_character_style_loras_and_delete_fixes(studio, models_dir, tmp_path):
     assert chars.snapshot(a.slug).lora["name"] == "owned_by_a"
     chars.delete_lora(row.id)
     # deleting a character removes its sheets and reference images too
-    jid, _ = studio.submit_reference_sheet({"character": a.slug, "seed": 5, "views": ["front"], "expressions": []})
+    jid, _ = studio.submit_reference_sheet(
+        {"character": a.slug, "seed": 5, "views": ["front"], "expressions": []}
+    )
     sheet = Path(wait(studio, jid)["sheet"])
     assert sheet.is_file()
     out = chars.delete(a.slug, studio.settings.outputs_dir)

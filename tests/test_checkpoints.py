@@ -12,10 +12,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine import checkpoints
-from engine.checkpoints import CheckpointInfo, config_folder, inspect_checkpoint, read_state_dict
 from engine.errors import InputError
-from engine.infotext import parse_infotext
+from engine.gallery.infotext import parse_infotext
+from engine.model_manager import checkpoints
+from engine.model_manager.checkpoints import (
+    CheckpointInfo,
+    config_folder,
+    inspect_checkpoint,
+    read_state_dict,
+)
 from tests.test_generate import pixels, run
 
 U = "model.diffusion_model."
@@ -29,8 +34,11 @@ REFINER_TE = "conditioner.embedders.0.model.transformer.resblocks.9.mlp.c_proj.b
 
 def layout(family: str) -> dict[str, tuple[int, ...]]:
     """The keys (tiny tensors) by which each family is recognised, as in the real checkpoints."""
-    base = {U + "input_blocks.0.0.weight": (8, 4, 3, 3), U + "output_blocks.11.0.skip_connection.weight": (4, 8, 1, 1),
-            "first_stage_model.decoder.conv_out.weight": (3, 4, 3, 3)}  # fmt: skip
+    base = {
+        U + "input_blocks.0.0.weight": (8, 4, 3, 3),
+        U + "output_blocks.11.0.skip_connection.weight": (4, 8, 1, 1),
+        "first_stage_model.decoder.conv_out.weight": (3, 4, 3, 3),
+    }
     extra = {
         "sd1": {SD1_TE: (8,), V2_KEY: (8, 768)},
         "sd1-inpaint": {SD1_TE: (8,), U + "input_blocks.0.0.weight": (8, 9, 3, 3)},
@@ -84,8 +92,10 @@ def test_a1111_sidecar_yaml_sets_prediction_type(tmp_path):
 
 
 def test_not_a_checkpoint_is_named(tmp_path):
-    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2)},
-              str(tmp_path / "oops.safetensors"))  # fmt: skip
+    save_file(
+        {"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2)},
+        str(tmp_path / "oops.safetensors"),
+    )
     with pytest.raises(
         InputError, match=r"oops\.safetensors is not a Stable Diffusion checkpoint.*models/loras"
     ):
@@ -129,8 +139,10 @@ def test_tensor_only_ckpt_reads_and_unwraps_state_dict(tmp_path):
 
 
 def test_shipped_config_folders_read_as_their_families():
-    labels = {name: checkpoints.folder_family(checkpoints.SHIPPED_CONFIGS / name)
-              for name in ("sd1", "sd2", "sdxl", "sdxl-refiner")}  # fmt: skip
+    labels = {
+        name: checkpoints.folder_family(checkpoints.SHIPPED_CONFIGS / name)
+        for name in ("sd1", "sd2", "sdxl", "sdxl-refiner")
+    }
     assert labels == {
         "sd1": "SD1.x",
         "sd2": "SD2.x (v-prediction)",
@@ -176,8 +188,12 @@ def test_scan_lists_family_size_and_cached_hashes(studio, models_dir, monkeypatc
     rows = {r["name"]: r for r in studio.model_inventory() if r["kind"] == "checkpoints"}
     row = rows["demo-single.safetensors"]
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert (row["family"], row["sha256"], row["short_hash"], row["size"]) == ("SD1.x", sha, sha[:10],
-                                                                               path.stat().st_size)  # fmt: skip
+    assert (row["family"], row["sha256"], row["short_hash"], row["size"]) == (
+        "SD1.x",
+        sha,
+        sha[:10],
+        path.stat().st_size,
+    )
 
     def boom(p):
         raise AssertionError("rescanned an unchanged file")
@@ -218,8 +234,9 @@ def test_code_pickle_checkpoint_is_refused_by_generate(studio, models_dir, tmp_p
     try:
         rows = {r["name"]: r for r in studio.model_inventory() if r["kind"] == "checkpoints"}
         assert "needs code" in rows["evil.ckpt"]["error"] and rows["evil.ckpt"]["family"] == "unknown"
-        job_id, _ = studio.submit_generate({"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 1,
-                                            "model": "evil.ckpt"})  # fmt: skip
+        job_id, _ = studio.submit_generate(
+            {"prompt": "x", "width": 64, "height": 64, "steps": 2, "seed": 1, "model": "evil.ckpt"}
+        )
         last = list(studio.watch(job_id))[-1]
         assert last["type"] == "failed" and "needs code" in json.dumps(last)
         assert not sentinel.exists()
@@ -232,9 +249,9 @@ def test_sdxl_single_file_loads_offline_with_every_weight(tmp_path, refiner, mon
     """SDXL base (CLIP-L + OpenCLIP-G) and refiner (OpenCLIP-G as embedder 0) single files, through the
     model manager's loader: every weight of every component equals the diffusers folder's."""
     from engine.device import resolve_device
-    from engine.hashing import HashCache
-    from engine.pipelines import ModelManager
-    from engine.store import Database
+    from engine.model_manager.pipelines import ModelManager
+    from engine.store.database import Database
+    from engine.store.hashing import HashCache
     from tests.factories import build_tiny_sdxl
     from tests.ldm_export import export_sdxl_checkpoint, tiny_config_folder
 
@@ -249,8 +266,13 @@ def test_sdxl_single_file_loads_offline_with_every_weight(tmp_path, refiner, mon
     db = Database(f"sqlite:///{tmp_path / 'db.sqlite'}")
     db.create_all()
     try:
-        mm = ModelManager(models, resolve_device("cpu", "auto", False), HashCache(db), configs_dir=tmp_path / "configs",
-                          cache_dir=tmp_path / "cache")  # fmt: skip
+        mm = ModelManager(
+            models,
+            resolve_device("cpu", "auto", False),
+            HashCache(db),
+            configs_dir=tmp_path / "configs",
+            cache_dir=tmp_path / "cache",
+        )
         loaded = mm.get("xl.safetensors")
         assert type(loaded.pipe).__name__ == (
             "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"

@@ -27,15 +27,29 @@ def comfy_studio(stubs, models_dir, model_configs, tmp_path):
     from engine.settings import Settings
     from engine.studio import Studio
 
-    settings = Settings(data_dir=tmp_path / "data", models_dir=models_dir, demo=True, device="cpu",
-                        model_configs=str(model_configs), comfyui_urls=",".join(s.url for s in stubs))  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        models_dir=models_dir,
+        demo=True,
+        device="cpu",
+        model_configs=str(model_configs),
+        comfyui_urls=",".join(s.url for s in stubs),
+    )
     st = Studio.start(settings)
     yield st
     st.close()
 
 
-BASE = {"prompt": "a lighthouse at dusk", "negative_prompt": "blurry", "engine": "comfyui",
-        "model": "sd15_tiny.safetensors", "steps": 4, "width": 64, "height": 64, "seed": 1234}  # fmt: skip
+BASE = {
+    "prompt": "a lighthouse at dusk",
+    "negative_prompt": "blurry",
+    "engine": "comfyui",
+    "model": "sd15_tiny.safetensors",
+    "steps": 4,
+    "width": 64,
+    "height": 64,
+    "seed": 1234,
+}
 
 
 def test_a_comfyui_generation_lands_in_the_library_with_its_workflow(comfy_studio, stubs):
@@ -58,7 +72,7 @@ def test_a_comfyui_generation_lands_in_the_library_with_its_workflow(comfy_studi
     assert result["images"][1]["seed"] == 1235
     from sqlmodel import select
 
-    from engine.store import Generation
+    from engine.store.database import Generation
 
     with comfy_studio.db.session() as s:
         rows = list(s.exec(select(Generation).where(Generation.job_id == jid)))
@@ -68,7 +82,9 @@ def test_a_comfyui_generation_lands_in_the_library_with_its_workflow(comfy_studi
 
 
 def test_loras_are_spliced_and_a_batch_spreads_over_the_pool(comfy_studio, stubs):
-    jobs = [comfy_studio.submit_generate({**BASE, "seed": 10 + i, "loras": "style_b:0.7"})[0] for i in range(4)]
+    jobs = [
+        comfy_studio.submit_generate({**BASE, "seed": 10 + i, "loras": "style_b:0.7"})[0] for i in range(4)
+    ]
     for jid in jobs:
         wait(comfy_studio, jid)
     assert all(stub.submitted for stub in stubs), "both servers of the pool rendered"
@@ -90,9 +106,16 @@ def test_img2img_and_inpaint_upload_their_images_and_bind_them(comfy_studio, stu
     m.save(mask)
     for stub in stubs:
         stub.submitted.clear()
-    wait(comfy_studio, comfy_studio.submit_generate({**BASE, "init_image": str(src), "denoising_strength": 0.4})[0])
-    wait(comfy_studio, comfy_studio.submit_generate({**BASE, "init_image": str(src), "mask_image": str(mask),
-                                                     "mask_blur": 4})[0])  # fmt: skip
+    wait(
+        comfy_studio,
+        comfy_studio.submit_generate({**BASE, "init_image": str(src), "denoising_strength": 0.4})[0],
+    )
+    wait(
+        comfy_studio,
+        comfy_studio.submit_generate(
+            {**BASE, "init_image": str(src), "mask_image": str(mask), "mask_blur": 4}
+        )[0],
+    )
     graphs = [body["prompt"] for stub in stubs for body in stub.submitted]
     img2img = next(g for g in graphs if not any(n["class_type"] == "LoadImageMask" for n in g.values()))
     inpaint = next(g for g in graphs if any(n["class_type"] == "LoadImageMask" for n in g.values()))
@@ -100,7 +123,9 @@ def test_img2img_and_inpaint_upload_their_images_and_bind_them(comfy_studio, stu
     assert sampler["denoise"] == 0.4
     init_name = next(n for n in inpaint.values() if n["class_type"] == "LoadImage")["inputs"]["image"]
     mask_name = next(n for n in inpaint.values() if n["class_type"] == "LoadImageMask")["inputs"]["image"]
-    uploaded = {name: data for (kind, _, name), data in (stubs[0].files | stubs[1].files).items() if kind == "input"}
+    uploaded = {
+        name: data for (kind, _, name), data in (stubs[0].files | stubs[1].files).items() if kind == "input"
+    }
     assert init_name in uploaded and mask_name in uploaded
     import io
 
@@ -146,15 +171,23 @@ def test_comfyui_through_gradio_client(stubs, models_dir, model_configs, tmp_pat
     from tests.factories import AppProcess
 
     urls = ",".join(s.url for s in stubs)
-    app = AppProcess(tmp_path / "appdata", models_dir, "--model-configs", str(model_configs),
-                     "--comfyui-urls", urls).start()  # fmt: skip
+    app = AppProcess(
+        tmp_path / "appdata", models_dir, "--model-configs", str(model_configs), "--comfyui-urls", urls
+    ).start()
     try:
         client = Client(app.url, verbose=False)
         models = client.predict(api_name="/comfy_models")
         assert "sd15_tiny.safetensors" in models["checkpoints"] and "style_b.safetensors" in models["loras"]
         files, infotext, job_id, *_ = client.predict(
-            prompt="a lighthouse", steps=4, width=64, height=64, seed=5, model="sd15_tiny.safetensors",
-            engine="comfyui", api_name="/generate")  # fmt: skip
+            prompt="a lighthouse",
+            steps=4,
+            width=64,
+            height=64,
+            seed=5,
+            model="sd15_tiny.safetensors",
+            engine="comfyui",
+            api_name="/generate",
+        )
         assert len(files) == 1 and "Seed: 5" in infotext
         servers = client.predict(api_name="/comfy_servers")
         assert {s["url"] for s in servers} == {s.url for s in stubs} and all(s["healthy"] for s in servers)
@@ -175,9 +208,14 @@ def test_a_users_api_workflow_becomes_a_template(comfy_studio, stubs):
     assert added["name"] == "my_txt2img" and "prompt" in added["bindings"]
     assert "my_txt2img" in comfy_studio.comfy_template_names()
     result = wait(comfy_studio, comfy_studio.submit_generate({**BASE, "comfy_template": "my_txt2img"})[0])
-    assert json.loads(Image.open(result["images"][0]["path"]).text["studionova"])["comfyui"]["template"] == "my_txt2img"
+    assert (
+        json.loads(Image.open(result["images"][0]["path"]).text["studionova"])["comfyui"]["template"]
+        == "my_txt2img"
+    )
     with pytest.raises(InputError, match="API format"):
-        comfy_studio.add_comfy_workflow(json.dumps({"nodes": [], "links": []}), json.dumps({**manifest, "name": "ui"}))
+        comfy_studio.add_comfy_workflow(
+            json.dumps({"nodes": [], "links": []}), json.dumps({**manifest, "name": "ui"})
+        )
 
 
 def test_no_healthy_server_fails_clearly_or_falls_back_when_enabled(models_dir, model_configs, tmp_path):
@@ -189,9 +227,15 @@ def test_no_healthy_server_fails_clearly_or_falls_back_when_enabled(models_dir, 
 
     dead = f"http://127.0.0.1:{free_port()}"
     for fallback in (False, True):
-        settings = Settings(data_dir=tmp_path / f"data-{fallback}", models_dir=models_dir, demo=True, device="cpu",
-                            model_configs=str(model_configs), comfyui_urls=dead,
-                            comfyui_fallback_local=fallback)  # fmt: skip
+        settings = Settings(
+            data_dir=tmp_path / f"data-{fallback}",
+            models_dir=models_dir,
+            demo=True,
+            device="cpu",
+            model_configs=str(model_configs),
+            comfyui_urls=dead,
+            comfyui_fallback_local=fallback,
+        )
         st = Studio.start(settings)
         try:
             jid, _ = st.submit_generate({**BASE, "steps": 2})
@@ -208,10 +252,17 @@ def test_no_healthy_server_fails_clearly_or_falls_back_when_enabled(models_dir, 
 
 def test_a_character_or_project_defaults_to_the_comfyui_engine(comfy_studio, stubs):
     """A character whose style says engine='comfyui' renders there when the caller does not choose."""
-    c = comfy_studio.characters.create({"name": "Comfy Char", "trigger_word": "comfychar",
-                                        "style": {"engine": "comfyui", "model": "sd15_tiny.safetensors"}})  # fmt: skip
+    c = comfy_studio.characters.create(
+        {
+            "name": "Comfy Char",
+            "trigger_word": "comfychar",
+            "style": {"engine": "comfyui", "model": "sd15_tiny.safetensors"},
+        }
+    )
     values = {k: v for k, v in BASE.items() if k not in ("engine", "model")}
     jid, _ = comfy_studio.submit_generate({**values, "character": c.slug})
     result = wait(comfy_studio, jid)
-    assert comfy_studio.job_status(jid)["kind"] == "comfy_generate" and result["device"].startswith("comfyui:")
+    assert comfy_studio.job_status(jid)["kind"] == "comfy_generate" and result["device"].startswith(
+        "comfyui:"
+    )
     assert comfy_studio.characters.effective_style(c)["engine"] == {"value": "comfyui", "source": "character"}

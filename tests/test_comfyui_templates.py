@@ -28,16 +28,60 @@ from engine.requests import LoraSpec
 from engine.samplers import SAMPLER_NAMES
 
 SAMPLERS = [
-    "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2", "dpm_2",
-    "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive", "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp",
-    "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m", "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu",
-    "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu", "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm",
-    "ipndm_v", "deis", "res_multistep", "res_multistep_cfg_pp", "res_multistep_ancestral",
-    "res_multistep_ancestral_cfg_pp", "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2",
-    "seeds_3", "sa_solver", "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2",
-]  # fmt: skip
-SCHEDULERS = ["simple", "sgm_uniform", "karras", "exponential", "ddim_uniform", "beta", "normal",
-              "linear_quadratic", "kl_optimal"]  # fmt: skip
+    "euler",
+    "euler_cfg_pp",
+    "euler_ancestral",
+    "euler_ancestral_cfg_pp",
+    "heun",
+    "heunpp2",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpm_fast",
+    "dpm_adaptive",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2s_ancestral_cfg_pp",
+    "dpmpp_sde",
+    "dpmpp_sde_gpu",
+    "dpmpp_2m",
+    "dpmpp_2m_cfg_pp",
+    "dpmpp_2m_sde",
+    "dpmpp_2m_sde_gpu",
+    "dpmpp_2m_sde_heun",
+    "dpmpp_2m_sde_heun_gpu",
+    "dpmpp_3m_sde",
+    "dpmpp_3m_sde_gpu",
+    "ddpm",
+    "lcm",
+    "ipndm",
+    "ipndm_v",
+    "deis",
+    "res_multistep",
+    "res_multistep_cfg_pp",
+    "res_multistep_ancestral",
+    "res_multistep_ancestral_cfg_pp",
+    "gradient_estimation",
+    "gradient_estimation_cfg_pp",
+    "er_sde",
+    "seeds_2",
+    "seeds_3",
+    "sa_solver",
+    "sa_solver_pece",
+    "ddim",
+    "uni_pc",
+    "uni_pc_bh2",
+]
+SCHEDULERS = [
+    "simple",
+    "sgm_uniform",
+    "karras",
+    "exponential",
+    "ddim_uniform",
+    "beta",
+    "normal",
+    "linear_quadratic",
+    "kl_optimal",
+]
 CHECKPOINTS = ["v1-5-pruned-emaonly.safetensors", "sd_xl_base_1.0.safetensors", "svd_xt.safetensors"]
 LORAS = ["style.safetensors", "mychar.safetensors"]
 UPSCALERS = ["RealESRGAN_x4plus.pth"]
@@ -51,8 +95,13 @@ def node(inputs, outputs, *, names=None, category="", optional=None, hidden=None
         spec["optional"] = optional
     if hidden:
         spec["hidden"] = hidden
-    return {"input": spec, "output": list(outputs), "output_name": list(names or outputs),
-            "output_is_list": [False] * len(outputs), "category": category}  # fmt: skip
+    return {
+        "input": spec,
+        "output": list(outputs),
+        "output_name": list(names or outputs),
+        "output_is_list": [False] * len(outputs),
+        "category": category,
+    }
 
 
 def build_object_info() -> dict:
@@ -60,81 +109,129 @@ def build_object_info() -> dict:
     size = {"min": 16, "max": MAX_RES, "step": 8}
     save_hidden = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
     info = {
-        "CheckpointLoaderSimple": node({"ckpt_name": [CHECKPOINTS, {}]}, ["MODEL", "CLIP", "VAE"], category="loaders"),
+        "CheckpointLoaderSimple": node(
+            {"ckpt_name": [CHECKPOINTS, {}]}, ["MODEL", "CLIP", "VAE"], category="loaders"
+        ),
         "CLIPTextEncode": node(
             {"text": ["STRING", {"multiline": True, "dynamicPrompts": True}], "clip": ["CLIP", {}]},
-            ["CONDITIONING"], category="conditioning",
+            ["CONDITIONING"],
+            category="conditioning",
         ),
         "EmptyLatentImage": node(
-            {"width": ["INT", {"default": 512, **size}], "height": ["INT", {"default": 512, **size}],
-             "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}]},
-            ["LATENT"], category="latent",
+            {
+                "width": ["INT", {"default": 512, **size}],
+                "height": ["INT", {"default": 512, **size}],
+                "batch_size": ["INT", {"default": 1, "min": 1, "max": 4096}],
+            },
+            ["LATENT"],
+            category="latent",
         ),
         "KSampler": node(
-            {"model": ["MODEL", {}],
-             "seed": ["INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True}],
-             "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
-             "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
-             "sampler_name": [SAMPLERS, {}], "scheduler": [SCHEDULERS, {}],
-             "positive": ["CONDITIONING", {}], "negative": ["CONDITIONING", {}], "latent_image": ["LATENT", {}],
-             "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}]},
-            ["LATENT"], category="sampling",
+            {
+                "model": ["MODEL", {}],
+                "seed": [
+                    "INT",
+                    {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True},
+                ],
+                "steps": ["INT", {"default": 20, "min": 1, "max": 10000}],
+                "cfg": ["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01}],
+                "sampler_name": [SAMPLERS, {}],
+                "scheduler": [SCHEDULERS, {}],
+                "positive": ["CONDITIONING", {}],
+                "negative": ["CONDITIONING", {}],
+                "latent_image": ["LATENT", {}],
+                "denoise": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}],
+            },
+            ["LATENT"],
+            category="sampling",
         ),
         "VAEDecode": node({"samples": ["LATENT", {}], "vae": ["VAE", {}]}, ["IMAGE"], category="latent"),
         "VAEEncode": node({"pixels": ["IMAGE"], "vae": ["VAE"]}, ["LATENT"], category="latent"),
         "SaveImage": node(
-            {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}, [],
-            category="image", hidden=save_hidden,
+            {"images": ["IMAGE", {}], "filename_prefix": ["STRING", {"default": "ComfyUI"}]},
+            [],
+            category="image",
+            hidden=save_hidden,
         ),
-        "LoadImage": node({"image": [INPUT_FILES, {"image_upload": True}]}, ["IMAGE", "MASK"], category="image"),
+        "LoadImage": node(
+            {"image": [INPUT_FILES, {"image_upload": True}]}, ["IMAGE", "MASK"], category="image"
+        ),
         "LoadImageMask": node(
             {"image": [INPUT_FILES, {"image_upload": True}], "channel": [["alpha", "red", "green", "blue"]]},
-            ["MASK"], category="mask",
+            ["MASK"],
+            category="mask",
         ),
-        "SetLatentNoiseMask": node({"samples": ["LATENT"], "mask": ["MASK"]}, ["LATENT"], category="latent/inpaint"),
+        "SetLatentNoiseMask": node(
+            {"samples": ["LATENT"], "mask": ["MASK"]}, ["LATENT"], category="latent/inpaint"
+        ),
         "RepeatLatentBatch": node(
-            {"samples": ["LATENT"], "amount": ["INT", {"default": 1, "min": 1, "max": 64}]}, ["LATENT"],
+            {"samples": ["LATENT"], "amount": ["INT", {"default": 1, "min": 1, "max": 64}]},
+            ["LATENT"],
             category="latent/batch",
         ),
         "LoraLoader": node(
-            {"model": ["MODEL", {}], "clip": ["CLIP", {}], "lora_name": [LORAS, {}],
-             "strength_model": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}],
-             "strength_clip": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}]},
-            ["MODEL", "CLIP"], category="loaders",
+            {
+                "model": ["MODEL", {}],
+                "clip": ["CLIP", {}],
+                "lora_name": [LORAS, {}],
+                "strength_model": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}],
+                "strength_clip": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}],
+            },
+            ["MODEL", "CLIP"],
+            category="loaders",
         ),
         # V3 schema nodes serialise combos as ("COMBO", {"options": [...]}).
         "UpscaleModelLoader": node(
-            {"model_name": ["COMBO", {"multiselect": False, "options": UPSCALERS}]}, ["UPSCALE_MODEL"],
+            {"model_name": ["COMBO", {"multiselect": False, "options": UPSCALERS}]},
+            ["UPSCALE_MODEL"],
             category="loaders",
         ),
         "ImageUpscaleWithModel": node(
-            {"upscale_model": ["UPSCALE_MODEL", {}], "image": ["IMAGE", {}]}, ["IMAGE"], category="image/upscaling"
+            {"upscale_model": ["UPSCALE_MODEL", {}], "image": ["IMAGE", {}]},
+            ["IMAGE"],
+            category="image/upscaling",
         ),
         "ImageOnlyCheckpointLoader": node(
             {"ckpt_name": [CHECKPOINTS]}, ["MODEL", "CLIP_VISION", "VAE"], category="loaders/video_models"
         ),
         "SVD_img2vid_Conditioning": node(
-            {"clip_vision": ["CLIP_VISION"], "init_image": ["IMAGE"], "vae": ["VAE"],
-             "width": ["INT", {"default": 1024, **size}], "height": ["INT", {"default": 576, **size}],
-             "video_frames": ["INT", {"default": 14, "min": 1, "max": 4096}],
-             "motion_bucket_id": ["INT", {"default": 127, "min": 1, "max": 1023}],
-             "fps": ["INT", {"default": 6, "min": 1, "max": 1024}],
-             "augmentation_level": ["FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01}]},
-            ["CONDITIONING", "CONDITIONING", "LATENT"], names=["positive", "negative", "latent"],
+            {
+                "clip_vision": ["CLIP_VISION"],
+                "init_image": ["IMAGE"],
+                "vae": ["VAE"],
+                "width": ["INT", {"default": 1024, **size}],
+                "height": ["INT", {"default": 576, **size}],
+                "video_frames": ["INT", {"default": 14, "min": 1, "max": 4096}],
+                "motion_bucket_id": ["INT", {"default": 127, "min": 1, "max": 1023}],
+                "fps": ["INT", {"default": 6, "min": 1, "max": 1024}],
+                "augmentation_level": ["FLOAT", {"default": 0.0, "min": 0.0, "max": 10.0, "step": 0.01}],
+            },
+            ["CONDITIONING", "CONDITIONING", "LATENT"],
+            names=["positive", "negative", "latent"],
             category="conditioning/video_models",
         ),
         "VideoLinearCFGGuidance": node(
-            {"model": ["MODEL"], "min_cfg": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.5}]},
-            ["MODEL"], category="sampling/video_models",
+            {
+                "model": ["MODEL"],
+                "min_cfg": ["FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.5}],
+            },
+            ["MODEL"],
+            category="sampling/video_models",
         ),
         "SaveAnimatedWEBP": node(
-            {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}],
-             "fps": ["FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01}],
-             "lossless": ["BOOLEAN", {"default": True}], "quality": ["INT", {"default": 80, "min": 0, "max": 100}],
-             "method": [["default", "fastest", "slowest"]]},
-            [], category="image/animation", hidden=save_hidden,
+            {
+                "images": ["IMAGE"],
+                "filename_prefix": ["STRING", {"default": "ComfyUI"}],
+                "fps": ["FLOAT", {"default": 6.0, "min": 0.01, "max": 1000.0, "step": 0.01}],
+                "lossless": ["BOOLEAN", {"default": True}],
+                "quality": ["INT", {"default": 80, "min": 0, "max": 100}],
+                "method": [["default", "fastest", "slowest"]],
+            },
+            [],
+            category="image/animation",
+            hidden=save_hidden,
         ),
-    }  # fmt: skip
+    }
     for name, entry in info.items():
         entry.update(name=name, display_name=name)
     return info
@@ -317,10 +414,17 @@ def test_lora_ids_never_collide():
         "11": {"class_type": "SaveImage", "inputs": {"images": ["10", 0]}},
     }
     manifest = parse_manifest(
-        {"name": "t", "kind": "txt2img", "family": "any", "bindings": {}, "outputs": ["11"],
-         "lora_stack": {"checkpoint_node": "9"}},
-        graph, "t.manifest.json",
-    )  # fmt: skip
+        {
+            "name": "t",
+            "kind": "txt2img",
+            "family": "any",
+            "bindings": {},
+            "outputs": ["11"],
+            "lora_stack": {"checkpoint_node": "9"},
+        },
+        graph,
+        "t.manifest.json",
+    )
     out = bind(graph, manifest, {"loras": [{"name": "a"}, LoraSpec(name="b", weight=0.3), {"name": "c"}]})
     assert out["13"]["inputs"]["lora_name"] == "b.safetensors" and out["13"]["inputs"]["strength_clip"] == 0.3
     new = set(out) - set(graph)
@@ -452,8 +556,13 @@ def test_user_template_round_trip_and_ui_format_refused(tmp_path, object_info):
     bound = bind(listed["my_txt2img"].graph, listed["my_txt2img"].manifest, params_for(listed["my_txt2img"]))
     validate_against_object_info(bound, object_info)
 
-    ui_format = {"last_node_id": 9, "last_link_id": 9, "nodes": [{"id": 3, "type": "KSampler"}], "links": [],
-                 "version": 0.4}  # fmt: skip
+    ui_format = {
+        "last_node_id": 9,
+        "last_link_id": 9,
+        "nodes": [{"id": 3, "type": "KSampler"}],
+        "links": [],
+        "version": 0.4,
+    }
     ui_path = tmp_path / "exported.json"
     ui_path.write_text(json.dumps(ui_format))
     manifest["name"] = "from_ui"

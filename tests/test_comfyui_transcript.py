@@ -15,7 +15,9 @@ from PIL import Image
 from engine.comfyui.client import ComfyClient, ComfyExecutionError, _PromptFollower
 from engine.errors import JobCancelledError
 
-TRANSCRIPT = json.loads((Path(__file__).parent / "data" / "comfyui_transcript.json").read_text(encoding="utf-8"))
+TRANSCRIPT = json.loads(
+    (Path(__file__).parent / "data" / "comfyui_transcript.json").read_text(encoding="utf-8")
+)
 
 
 def _png() -> bytes:
@@ -45,15 +47,25 @@ class ReplaySocket:
 
 
 def prompt_id_of(messages: list[dict]) -> str:
-    return next(m["data"]["prompt_id"] for m in messages if isinstance(m.get("data"), dict) and "prompt_id" in m["data"])
+    return next(
+        m["data"]["prompt_id"]
+        for m in messages
+        if isinstance(m.get("data"), dict) and "prompt_id" in m["data"]
+    )
 
 
 def replay(key: str) -> list[dict]:
     messages = TRANSCRIPT[key]
     events: list[dict] = []
     # an unreachable base URL: the follower must not need any HTTP call for these sequences
-    follower = _PromptFollower(ComfyClient("http://127.0.0.1:9", timeout=60), prompt_id_of(messages), "cid",
-                               ReplaySocket(messages), events.append, lambda: False)  # fmt: skip
+    follower = _PromptFollower(
+        ComfyClient("http://127.0.0.1:9", timeout=60),
+        prompt_id_of(messages),
+        "cid",
+        ReplaySocket(messages),
+        events.append,
+        lambda: False,
+    )
     follower.follow()
     return events
 
@@ -73,7 +85,9 @@ def test_real_binary_previews_become_preview_events():
 def test_a_real_execution_error_is_raised_verbatim():
     with pytest.raises(ComfyExecutionError) as caught:
         replay("ws_messages_execution_error")
-    recorded = next(m["data"] for m in TRANSCRIPT["ws_messages_execution_error"] if m["type"] == "execution_error")
+    recorded = next(
+        m["data"] for m in TRANSCRIPT["ws_messages_execution_error"] if m["type"] == "execution_error"
+    )
     assert caught.value.node_type == recorded["node_type"] and recorded["exception_type"] in str(caught.value)
 
 

@@ -176,13 +176,18 @@ def test_rejections_refine_the_effective_negative_with_provenance(studio):
     studio.characters.set_rejection_terms({"blurry": "blurry, soft focus"})
     try:
         snap = studio.characters.snapshot(c.slug)
-        assert [t.term for t in snap.negative_terms if t.source.startswith("rejected: blurry")] == ["blurry",
-                                                                                                 "soft focus"]
+        assert [t.term for t in snap.negative_terms if t.source.startswith("rejected: blurry")] == [
+            "blurry",
+            "soft focus",
+        ]
         jid, _ = studio.submit_generate({"prompt": "x", "seed": 3, "character": c.slug, **FAST})
         params = Image.open(wait(studio, jid)["images"][0]["path"]).info["parameters"]
-        assert "Negative prompt: lowres, bad hands, extra fingers, missing fingers, fused fingers, blurry, soft focus" in params
+        assert (
+            "Negative prompt: lowres, bad hands, extra fingers, missing fingers, fused fingers, blurry, soft focus"
+            in params
+        )
     finally:
-        from engine.characters import DEFAULT_REJECTION_TERMS
+        from engine.characters.characters import DEFAULT_REJECTION_TERMS
 
         studio.characters.set_rejection_terms(DEFAULT_REJECTION_TERMS)
     with pytest.raises(InputError, match="unknown"):
@@ -195,8 +200,16 @@ def test_rejections_refine_the_effective_negative_with_provenance(studio):
 
 def test_regenerate_rejected_rerenders_with_refined_negatives_into_review(studio):
     c = new_character(studio, "Regen Rex", design_prompt="orange fur")
-    jid, _ = studio.submit_generate({"prompt": "standing", "seed": 9, "character": c.slug, "dataset_review": True,
-                                     "batch_size": 2, **FAST})  # fmt: skip
+    jid, _ = studio.submit_generate(
+        {
+            "prompt": "standing",
+            "seed": 9,
+            "character": c.slug,
+            "dataset_review": True,
+            "batch_size": 2,
+            **FAST,
+        }
+    )
     wait(studio, jid)
     q = studio.review_queue(c.slug)
     assert q["total"] == 2 and all(i["generation_id"] and i["infotext"] for i in q["items"])
@@ -207,8 +220,10 @@ def test_regenerate_rejected_rerenders_with_refined_negatives_into_review(studio
     img = wait(studio, out["jobs"][0]["job_id"])["images"][0]
     params = Image.open(img["path"]).info["parameters"]
     assert "deformed body" in params.split("Negative prompt: ")[1]
-    assert json.loads(Image.open(img["path"]).info["studionova"])["seed"] == json.loads(
-        Image.open(studio.settings.outputs_dir / first["file"]).info["studionova"])["seed"]  # fmt: skip
+    assert (
+        json.loads(Image.open(img["path"]).info["studionova"])["seed"]
+        == json.loads(Image.open(studio.settings.outputs_dir / first["file"]).info["studionova"])["seed"]
+    )
     q = studio.review_queue(c.slug)
     assert q["total"] == 2  # the other original plus the re-render, both pending
     assert any(i["source"].startswith(f"generation:{out['jobs'][0]['job_id']}") for i in q["items"])
@@ -260,8 +275,12 @@ def test_review_fixes_undo_order_regex_and_regenerate_without_new_terms(studio):
         studio.datasets.replace_captions(c.id, "(o)", r"\2", regex=True)
     # a rejection whose reasons map to no terms would re-render the same picture: skipped, with the reason
     g = new_character(studio, "Same Sam")
-    wait(studio, studio.submit_generate({"prompt": "x", "seed": 2, "character": g.slug, "dataset_review": True,
-                                         **FAST})[0])  # fmt: skip
+    wait(
+        studio,
+        studio.submit_generate(
+            {"prompt": "x", "seed": 2, "character": g.slug, "dataset_review": True, **FAST}
+        )[0],
+    )
     item = studio.review_queue(g.slug)["items"][0]
     studio.review(g.slug, [item["id"]], "reject", ["other"], "just not right")
     out = studio.regenerate_rejected(g.slug)

@@ -14,9 +14,10 @@ from types import SimpleNamespace
 import huggingface_hub.constants as hf_constants
 import pytest
 
-from engine import downloads
 from engine.artifacts import folder_hash
-from engine.downloads import (
+from engine.errors import InputError, JobCancelledError, NotFoundError, TransientError
+from engine.model_manager import downloads
+from engine.model_manager.downloads import (
     PART_DIR,
     DownloadRequest,
     OfflineModeError,
@@ -25,7 +26,6 @@ from engine.downloads import (
     download_model,
     run_download_job,
 )
-from engine.errors import InputError, JobCancelledError, NotFoundError, TransientError
 from engine.paths import ModelRoots
 from tests.hub_stub import HubStub
 

@@ -15,9 +15,9 @@ from sqlalchemy import inspect, text
 from sqlalchemy.dialects import postgresql
 from sqlmodel import select
 
-from engine import gallery
 from engine.errors import InputError, NotFoundError
-from engine.gallery import (
+from engine.gallery import records as gallery
+from engine.gallery.records import (
     GalleryQuery,
     backfill_lora_index,
     delete_generations,
@@ -32,7 +32,7 @@ from engine.gallery import (
     thumbnail_path,
     trash,
 )
-from engine.store import Asset, Database, Generation, GenerationLora
+from engine.store.database import Asset, Database, Generation, GenerationLora
 
 T0 = datetime(2025, 3, 10, 12, 0, tzinfo=UTC)
 
@@ -52,21 +52,56 @@ def outputs(tmp_path) -> Path:
     return out
 
 
-def add_image(db: Database, outputs: Path, *, prompt: str = "a cat", negative: str = "", model: str = "m1",
-              loras: tuple[str, ...] = (), character: str | None = None, mode: str = "txt2img",
-              created_at: datetime = T0, size: tuple[int, int] = (40, 30), seed: int = 1,
-              path: Path | None = None) -> Generation:  # fmt: skip
+def add_image(
+    db: Database,
+    outputs: Path,
+    *,
+    prompt: str = "a cat",
+    negative: str = "",
+    model: str = "m1",
+    loras: tuple[str, ...] = (),
+    character: str | None = None,
+    mode: str = "txt2img",
+    created_at: datetime = T0,
+    size: tuple[int, int] = (40, 30),
+    seed: int = 1,
+    path: Path | None = None,
+) -> Generation:
     """An image file + its Asset, Generation and index rows in one transaction, as save_generated does."""
     path = path or outputs / created_at.strftime("%Y-%m-%d") / f"img-{seed}-{os.urandom(4).hex()}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, (seed * 37 % 256, 90, 160)).save(path)
-    asset = Asset(kind="image", path=str(path), sha256="ab" * 32, size=path.stat().st_size, width=size[0],
-                  height=size[1], job_id="job1", created_at=created_at)  # fmt: skip
+    asset = Asset(
+        kind="image",
+        path=str(path),
+        sha256="ab" * 32,
+        size=path.stat().st_size,
+        width=size[0],
+        height=size[1],
+        job_id="job1",
+        created_at=created_at,
+    )
     recipe = {"seed": seed, "loras": [{"name": n, "weight": 0.8, "hash": "0123456789ab"} for n in loras]}
-    gen = Generation(asset_id=asset.id, job_id="job1", mode=mode, model=model, model_hash="abcdef0123",
-                     prompt=prompt, negative_prompt=negative, seed=seed, steps=4, cfg_scale=7.0, sampler="Euler a",
-                     width=size[0], height=size[1], loras=recipe["loras"], infotext=f"{prompt}\nSteps: 4",
-                     recipe=recipe, created_at=created_at, character=character)  # fmt: skip
+    gen = Generation(
+        asset_id=asset.id,
+        job_id="job1",
+        mode=mode,
+        model=model,
+        model_hash="abcdef0123",
+        prompt=prompt,
+        negative_prompt=negative,
+        seed=seed,
+        steps=4,
+        cfg_scale=7.0,
+        sampler="Euler a",
+        width=size[0],
+        height=size[1],
+        loras=recipe["loras"],
+        infotext=f"{prompt}\nSteps: 4",
+        recipe=recipe,
+        created_at=created_at,
+        character=character,
+    )
     with db.session() as s:
         s.add(asset)
         s.add(gen)
@@ -91,12 +126,35 @@ def count_rows(db: Database, table) -> int:
 # --- filters ------------------------------------------------------------------------------------------
 def test_each_filter_selects_exactly_its_matches(db, outputs):
     cat = add_image(db, outputs, prompt="A Cat on a roof", model="m1", loras=("style_a",), seed=1)
-    dog = add_image(db, outputs, prompt="a dog", negative="blurry CAT", model="m2", seed=2,
-                    loras=("style_a", "style_b"), character="mira", created_at=T0 + timedelta(days=1))  # fmt: skip
-    lake = add_image(db, outputs, prompt="50% off_sale lake", model="m2", mode="img2img", seed=3,
-                     created_at=T0 + timedelta(days=3))  # fmt: skip
-    other = add_image(db, outputs, prompt="50 percent off sale", model="m3", character="jon", seed=4,
-                      created_at=T0 - timedelta(days=2))  # fmt: skip
+    dog = add_image(
+        db,
+        outputs,
+        prompt="a dog",
+        negative="blurry CAT",
+        model="m2",
+        seed=2,
+        loras=("style_a", "style_b"),
+        character="mira",
+        created_at=T0 + timedelta(days=1),
+    )
+    lake = add_image(
+        db,
+        outputs,
+        prompt="50% off_sale lake",
+        model="m2",
+        mode="img2img",
+        seed=3,
+        created_at=T0 + timedelta(days=3),
+    )
+    other = add_image(
+        db,
+        outputs,
+        prompt="50 percent off sale",
+        model="m3",
+        character="jon",
+        seed=4,
+        created_at=T0 - timedelta(days=2),
+    )
 
     assert set(query(db)) == {cat.id, dog.id, lake.id, other.id}
     # text: case-insensitive substring over prompt and negative prompt; % and _ are literal
@@ -127,8 +185,11 @@ def test_each_filter_selects_exactly_its_matches(db, outputs):
 
 
 def test_postgres_compiles_the_same_query_with_ilike():
-    sql = str(page_statement(GalleryQuery(text="Cat", lora="x", date_from="2025-01-01"))
-              .compile(dialect=postgresql.dialect()))  # fmt: skip
+    sql = str(
+        page_statement(GalleryQuery(text="Cat", lora="x", date_from="2025-01-01")).compile(
+            dialect=postgresql.dialect()
+        )
+    )
     assert "ILIKE" in sql and "generationlora" in sql and "LIMIT" in sql
 
 
@@ -161,8 +222,18 @@ def test_ordering_newest_oldest_and_ties_are_stable_across_pages(db, outputs):
 
 # --- items, thumbnails ----------------------------------------------------------------------------------
 def test_item_fields_and_no_image_opened_by_gallery_page(db, outputs, monkeypatch):
-    gen = add_image(db, outputs, prompt="p", negative="n", model="m9", loras=("a", "b"), character="mira",
-                    mode="img2img", size=(48, 20), seed=77)  # fmt: skip
+    gen = add_image(
+        db,
+        outputs,
+        prompt="p",
+        negative="n",
+        model="m9",
+        loras=("a", "b"),
+        character="mira",
+        mode="img2img",
+        size=(48, 20),
+        seed=77,
+    )
 
     def refuse(*a, **k):
         raise AssertionError("gallery_page opened an image")
@@ -170,9 +241,19 @@ def test_item_fields_and_no_image_opened_by_gallery_page(db, outputs, monkeypatc
     monkeypatch.setattr(Image, "open", refuse)
     (item,) = gallery_page(db, GalleryQuery()).items
     assert (item.generation_id, item.asset_id, item.prompt, item.negative_prompt, item.model) == (
-        gen.id, gen.asset_id, "p", "n", "m9")  # fmt: skip
-    assert (item.loras, item.seed, item.size, item.mode, item.character) == (("a", "b"), 77, "48x20", "img2img",
-                                                                              "mira")  # fmt: skip
+        gen.id,
+        gen.asset_id,
+        "p",
+        "n",
+        "m9",
+    )
+    assert (item.loras, item.seed, item.size, item.mode, item.character) == (
+        ("a", "b"),
+        77,
+        "48x20",
+        "img2img",
+        "mira",
+    )
     assert item.created_at == T0 and item.trashed_at is None and Path(item.image_path).is_file()
     assert item.thumbnail_path is None  # not made yet; gallery_page does not make it
     monkeypatch.undo()
@@ -356,9 +437,21 @@ def test_generation_detail_has_the_full_record(db, outputs):
     gen = add_image(db, outputs, prompt="p", negative="n", loras=("style_a",), size=(24, 16), seed=5)
     d = generation_detail(db, gen.id)
     assert (d.generation_id, d.asset_id, d.job_id, d.prompt, d.negative_prompt, d.seed) == (
-        gen.id, gen.asset_id, "job1", "p", "n", 5)  # fmt: skip
-    assert (d.width, d.height, d.steps, d.sampler, d.cfg_scale, d.model_hash) == (24, 16, 4, "Euler a", 7.0,
-                                                                                   "abcdef0123")  # fmt: skip
+        gen.id,
+        gen.asset_id,
+        "job1",
+        "p",
+        "n",
+        5,
+    )
+    assert (d.width, d.height, d.steps, d.sampler, d.cfg_scale, d.model_hash) == (
+        24,
+        16,
+        4,
+        "Euler a",
+        7.0,
+        "abcdef0123",
+    )
     assert d.loras == [{"name": "style_a", "weight": 0.8, "hash": "0123456789ab"}]
     assert d.recipe["seed"] == 5 and d.infotext.startswith("p\n") and d.sha256 == "ab" * 32
     assert d.file_exists and d.file_size == Path(d.image_path).stat().st_size and d.created_at == T0
@@ -414,10 +507,15 @@ def test_create_all_adds_new_columns_and_indexes_to_an_old_database(tmp_path, ou
     db = Database(url)
     db.create_all()
     with db.engine.begin() as c:  # the schema as it was before the gallery
-        for stmt in ("DROP TABLE generationlora", "DROP INDEX ix_generation_character",
-                     "DROP INDEX ix_generation_gallery", "DROP INDEX ix_generation_model_gallery",
-                     "DROP INDEX ix_generation_mode_gallery",
-                     "ALTER TABLE generation DROP COLUMN character", "ALTER TABLE generation DROP COLUMN trashed_at"):  # fmt: skip
+        for stmt in (
+            "DROP TABLE generationlora",
+            "DROP INDEX ix_generation_character",
+            "DROP INDEX ix_generation_gallery",
+            "DROP INDEX ix_generation_model_gallery",
+            "DROP INDEX ix_generation_mode_gallery",
+            "ALTER TABLE generation DROP COLUMN character",
+            "ALTER TABLE generation DROP COLUMN trashed_at",
+        ):
             c.exec_driver_sql(stmt)
     db.dispose()
     db = Database(url)
@@ -425,8 +523,12 @@ def test_create_all_adds_new_columns_and_indexes_to_an_old_database(tmp_path, ou
     insp = inspect(db.engine)
     assert {"character", "trashed_at"} <= {c["name"] for c in insp.get_columns("generation")}
     indexes = {i["name"] for i in insp.get_indexes("generation")}
-    assert {"ix_generation_gallery", "ix_generation_model_gallery", "ix_generation_mode_gallery",
-            "ix_generation_character"} <= indexes
+    assert {
+        "ix_generation_gallery",
+        "ix_generation_model_gallery",
+        "ix_generation_mode_gallery",
+        "ix_generation_character",
+    } <= indexes
     db.create_all()  # idempotent
     gen = add_image(db, outputs, loras=("x",), character="mira")
     assert query(db, lora="x", character="mira") == [gen.id]
@@ -437,8 +539,10 @@ def test_gallery_module_imports_nothing_heavy():
     import subprocess
     import sys
 
-    code = ("import sys, engine.gallery; heavy = {'gradio', 'torch', 'diffusers', 'PIL.Image'} & set(sys.modules); "
-            "print(sorted(heavy))")  # fmt: skip
+    code = (
+        "import sys, engine.gallery.records; heavy = {'gradio', 'torch', 'diffusers', 'PIL.Image'} & set(sys.modules); "
+        "print(sorted(heavy))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
     assert gallery.THUMB_SIZE == 256

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from engine.errors import InputError, NotFoundError
-from engine.infotext import PARAM_RE, parse_infotext
+from engine.gallery.infotext import PARAM_RE, parse_infotext
 from engine.samplers import SAMPLER_NAMES
 
 BASE = dict(

@@ -1,4 +1,4 @@
-"""engine.ingest: uploads, ZIPs, videos, server folders and URLs become validated candidates.
+"""engine.characters.ingest: uploads, ZIPs, videos, server folders and URLs become validated candidates.
 
 All media is built here: images with Pillow, clips with the bundled ffmpeg (argv lists only), a
 direct-link "site" with http.server on 127.0.0.1.
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import ingest
+from engine.characters import ingest
+from engine.characters.ingest import IngestLimits, Skipped
 from engine.errors import InputError
-from engine.ingest import IngestLimits, Skipped
 
 CLIP_SIZE = "128x128"
 CLIP_RATE = 10
@@ -63,8 +63,10 @@ def ffmpeg(*args: str) -> None:
 
     subprocess.run(
         [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-y", "-hide_banner", "-loglevel", "error", *args],
-        check=True, timeout=60, capture_output=True,
-    )  # fmt: skip
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -73,15 +75,37 @@ def clip(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("clip") / "clip.mp4"
     src = f"size={CLIP_SIZE}:rate={CLIP_RATE}"
     ffmpeg(
-        "-f", "lavfi", "-i", f"testsrc={src}:duration=1",
-        "-f", "lavfi", "-i", f"mandelbrot={src}",
-        "-f", "lavfi", "-i", f"testsrc={src}:duration=1",
-        "-f", "lavfi", "-i", f"smptebars={src}:duration=1",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc={src}:duration=1",
+        "-f",
+        "lavfi",
+        "-i",
+        f"mandelbrot={src}",
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc={src}:duration=1",
+        "-f",
+        "lavfi",
+        "-i",
+        f"smptebars={src}:duration=1",
         "-filter_complex",
         "[1:v]trim=duration=1,setpts=PTS-STARTPTS[b];[3:v]boxblur=10:5[d];"
         "[0:v][b][2:v][d]concat=n=4:v=1:a=0,format=yuv420p[v]",
-        "-map", "[v]", "-c:v", "libx264", "-preset", "ultrafast", "-crf", "18", "-g", "10", str(out),
-    )  # fmt: skip
+        "-map",
+        "[v]",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-crf",
+        "18",
+        "-g",
+        "10",
+        str(out),
+    )
     return out
 
 
@@ -264,8 +288,9 @@ def test_streaming_copy_counts_real_bytes():
     out = io.BytesIO()
     assert ingest._copy_capped(io.BytesIO(bytes(1000)), out, cap=1000) == 1000
     with pytest.raises(ingest._Refused, match="zip bomb"):
-        ingest._copy_capped(io.BytesIO(bytes(3 * 1024 * 1024)), io.BytesIO(), cap=10**9,
-                            compressed_size=1000, max_ratio=200.0)  # fmt: skip
+        ingest._copy_capped(
+            io.BytesIO(bytes(3 * 1024 * 1024)), io.BytesIO(), cap=10**9, compressed_size=1000, max_ratio=200.0
+        )
 
 
 def test_zip_member_over_the_size_limit_is_skipped(tmp_path):
@@ -365,9 +390,14 @@ def test_rate_sampling_takes_a_frame_every_interval(clip, tmp_path):
 
 def test_video_frame_limit_is_reported(clip, tmp_path):
     report = ingest.sample_video(
-        clip, tmp_path / "frames", mode="rate", fps=2, max_phash_distance=0,
-        limits=IngestLimits(max_video_frames=3), source_name="url:https://example.com/v",
-    )  # fmt: skip
+        clip,
+        tmp_path / "frames",
+        mode="rate",
+        fps=2,
+        max_phash_distance=0,
+        limits=IngestLimits(max_video_frames=3),
+        source_name="url:https://example.com/v",
+    )
     sampled = [*report.candidates, *[s for s in report.skipped if "@" in s.source]]
     assert len(sampled) == 3
     assert all(x.source.startswith("url:https://example.com/v@") for x in sampled)

@@ -30,8 +30,16 @@ def _tiny_encoder():
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     torch.manual_seed(7)
-    config = CLIPVisionConfig(hidden_size=32, intermediate_size=37, projection_dim=32, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=32, patch_size=4, hidden_act="gelu")  # fmt: skip
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        projection_dim=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=4,
+        hidden_act="gelu",
+    )
     return CLIPVisionModelWithProjection(config).eval()
 
 
@@ -52,15 +60,23 @@ def _tiny_adapter_state_dict(unet, image_embed_dim: int) -> dict[str, dict]:
             hidden = list(reversed(unet.config.block_out_channels))[int(name[len("up_blocks.")])]
         else:
             hidden = unet.config.block_out_channels[int(name[len("down_blocks.")])]
-        sd = IPAdapterAttnProcessor(hidden_size=hidden, cross_attention_dim=unet.config.cross_attention_dim,
-                                    scale=1.0).state_dict()  # fmt: skip
+        sd = IPAdapterAttnProcessor(
+            hidden_size=hidden, cross_attention_dim=unet.config.cross_attention_dim, scale=1.0
+        ).state_dict()
         ip[f"{key_id}.to_k_ip.weight"] = sd["to_k_ip.0.weight"]
         ip[f"{key_id}.to_v_ip.weight"] = sd["to_v_ip.0.weight"]
         key_id += 2
-    sd = ImageProjection(cross_attention_dim=unet.config.cross_attention_dim, image_embed_dim=image_embed_dim,
-                         num_image_text_embeds=4).state_dict()  # fmt: skip
-    proj = {"proj.weight": sd["image_embeds.weight"], "proj.bias": sd["image_embeds.bias"],
-            "norm.weight": sd["norm.weight"], "norm.bias": sd["norm.bias"]}  # fmt: skip
+    sd = ImageProjection(
+        cross_attention_dim=unet.config.cross_attention_dim,
+        image_embed_dim=image_embed_dim,
+        num_image_text_embeds=4,
+    ).state_dict()
+    proj = {
+        "proj.weight": sd["image_embeds.weight"],
+        "proj.bias": sd["image_embeds.bias"],
+        "norm.weight": sd["norm.weight"],
+        "norm.bias": sd["norm.bias"],
+    }
     return {"image_proj": proj, "ip_adapter": ip}
 
 
@@ -70,7 +86,7 @@ def models(tmp_path_factory) -> Path:
     from diffusers import UNet2DConditionModel
     from safetensors.torch import save_file
 
-    from engine.demo_model import ensure_demo_model
+    from engine.model_manager.demo_model import ensure_demo_model
     from engine.paths import ModelRoots
 
     root = tmp_path_factory.mktemp("ipa") / "models"
@@ -87,8 +103,10 @@ def models(tmp_path_factory) -> Path:
     assert unet.config.cross_attention_dim == 32
     state = _tiny_adapter_state_dict(unet, encoder.config.projection_dim)
     (root / "ipadapter").mkdir(exist_ok=True)
-    save_file({f"{part}.{k}": v.contiguous() for part, d in state.items() for k, v in d.items()},
-              str(root / "ipadapter" / "tiny-ip-adapter.safetensors"))  # fmt: skip
+    save_file(
+        {f"{part}.{k}": v.contiguous() for part, d in state.items() for k, v in d.items()},
+        str(root / "ipadapter" / "tiny-ip-adapter.safetensors"),
+    )
     torch.save(state, root / "ipadapter" / "tiny-ip-adapter.bin")
     return root
 
@@ -106,8 +124,15 @@ def pipe(models):
 def _run(pipe, **kw) -> np.ndarray:
     import torch
 
-    out = pipe("a red fox", num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="np",
-               generator=torch.Generator("cpu").manual_seed(0), **kw)  # fmt: skip
+    out = pipe(
+        "a red fox",
+        num_inference_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        output_type="np",
+        generator=torch.Generator("cpu").manual_seed(0),
+        **kw,
+    )
     return out.images[0]
 
 
@@ -121,7 +146,7 @@ def _images():
 
 
 def test_missing_weights_say_where_to_put_them(tmp_path):
-    from engine.ip_adapter import find_ip_adapter
+    from engine.generation.ip_adapter import find_ip_adapter
 
     models = tmp_path / "models"
     (models / "ipadapter").mkdir(parents=True)
@@ -134,7 +159,7 @@ def test_missing_weights_say_where_to_put_them(tmp_path):
 
 def test_find_by_name(models):
     from engine.errors import NotFoundError
-    from engine.ip_adapter import find_ip_adapter
+    from engine.generation.ip_adapter import find_ip_adapter
 
     files = find_ip_adapter(models)
     assert files.adapter.name == "tiny-ip-adapter.bin" and files.image_encoder.name == "tiny-encoder"
@@ -148,7 +173,7 @@ def test_find_by_name(models):
 
 
 def test_attach_generate_scale_and_detach(models, pipe):
-    from engine.ip_adapter import attach_ip_adapter, detach_ip_adapter, find_ip_adapter
+    from engine.generation.ip_adapter import attach_ip_adapter, detach_ip_adapter, find_ip_adapter
 
     base = _run(pipe)
     red, noise = _images()
@@ -177,12 +202,24 @@ def test_attach_generate_scale_and_detach(models, pipe):
 def test_bin_adapter_and_single_file_encoder_match(models, pipe):
     import torch
 
-    from engine.ip_adapter import attach_ip_adapter, detach_ip_adapter, find_ip_adapter, load_image_encoder
+    from engine.generation.ip_adapter import (
+        attach_ip_adapter,
+        detach_ip_adapter,
+        find_ip_adapter,
+        load_image_encoder,
+    )
 
     folder = load_image_encoder(models / "clip_vision" / "tiny-encoder", torch.float32, "cpu")
     single = load_image_encoder(models / "clip_vision" / "tiny-encoder.safetensors", torch.float32, "cpu")
-    for key in ("hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers", "image_size",
-                "patch_size", "hidden_act"):  # fmt: skip
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "projection_dim",
+        "num_hidden_layers",
+        "image_size",
+        "patch_size",
+        "hidden_act",
+    ):
         assert getattr(single.config, key) == getattr(folder.config, key), key
     sd_a, sd_b = folder.state_dict(), single.state_dict()
     assert sd_a.keys() == sd_b.keys()
@@ -207,7 +244,7 @@ def test_bin_adapter_and_single_file_encoder_match(models, pipe):
 def test_pickle_with_code_is_refused(models, pipe, tmp_path):
     import torch
 
-    from engine.ip_adapter import attach_ip_adapter, find_ip_adapter, read_ip_adapter
+    from engine.generation.ip_adapter import attach_ip_adapter, find_ip_adapter, read_ip_adapter
 
     state = torch.load(models / "ipadapter" / "tiny-ip-adapter.bin", weights_only=True)
     control_sentinel, sentinel = tmp_path / "control-ran", tmp_path / "code-ran"
@@ -233,7 +270,7 @@ def test_pickle_with_code_is_refused(models, pipe, tmp_path):
 def test_wrong_encoder_is_named(models, pipe, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from engine.ip_adapter import IPAdapterFiles, attach_ip_adapter
+    from engine.generation.ip_adapter import IPAdapterFiles, attach_ip_adapter
 
     sd = load_file(str(models / "clip_vision" / "tiny-encoder.safetensors"))
     sd["visual_projection.weight"] = sd["visual_projection.weight"][:16].contiguous()
@@ -261,8 +298,14 @@ def test_studio_generates_and_makes_a_sheet_through_ip_adapter(models, tmp_path)
         _images()[0].save(src)
         fast = dict(steps=STEPS, width=SIZE, height=SIZE, sampler="Euler", seed=4, prompt="a red fox")
         plain = wait(st, st.submit_generate(dict(fast))[0])["images"][0]
-        jid, _ = st.submit_generate({**fast, "ip_adapter_image": str(src), "ip_adapter": "tiny-ip-adapter.safetensors",
-                                     "ip_adapter_encoder": "tiny-encoder"})  # fmt: skip
+        jid, _ = st.submit_generate(
+            {
+                **fast,
+                "ip_adapter_image": str(src),
+                "ip_adapter": "tiny-ip-adapter.safetensors",
+                "ip_adapter_encoder": "tiny-encoder",
+            }
+        )
         guided = wait(st, jid)["images"][0]
         params = Image.open(guided["path"]).info["parameters"]
         assert "IP-Adapter: tiny-ip-adapter [" in params and "IP-Adapter weight: 0.6" in params
@@ -270,15 +313,28 @@ def test_studio_generates_and_makes_a_sheet_through_ip_adapter(models, tmp_path)
         again = wait(st, st.submit_generate(dict(fast))[0])["images"][0]  # detached: same pixels as before
         assert Image.open(again["path"]).tobytes() == Image.open(plain["path"]).tobytes()
 
-        c = st.characters.create({"name": "Ipa", "trigger_word": "ipa", "style": {"steps": STEPS, "width": SIZE,
-                                                                                 "height": SIZE}})  # fmt: skip
-        jid, _ = st.submit_reference_sheet({"character": c.slug, "seed": 2, "source_image": str(src),
-                                            "use_ip_adapter": True, "ip_adapter": "tiny-ip-adapter.safetensors",
-                                            "ip_adapter_encoder": "tiny-encoder", "views": ["front"],
-                                            "expressions": ["smiling"]})  # fmt: skip
+        c = st.characters.create(
+            {"name": "Ipa", "trigger_word": "ipa", "style": {"steps": STEPS, "width": SIZE, "height": SIZE}}
+        )
+        jid, _ = st.submit_reference_sheet(
+            {
+                "character": c.slug,
+                "seed": 2,
+                "source_image": str(src),
+                "use_ip_adapter": True,
+                "ip_adapter": "tiny-ip-adapter.safetensors",
+                "ip_adapter_encoder": "tiny-encoder",
+                "views": ["front"],
+                "expressions": ["smiling"],
+            }
+        )
         res = wait(st, jid)
         assert len(res["views"]) == 2
-        assert all("IP-Adapter: tiny-ip-adapter" in Image.open(v["path"]).info["parameters"] for v in res["views"])
-        assert "Denoising strength" not in Image.open(res["views"][0]["path"]).info["parameters"]  # not img2img
+        assert all(
+            "IP-Adapter: tiny-ip-adapter" in Image.open(v["path"]).info["parameters"] for v in res["views"]
+        )
+        assert (
+            "Denoising strength" not in Image.open(res["views"][0]["path"]).info["parameters"]
+        )  # not img2img
     finally:
         st.close()

@@ -8,11 +8,11 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from engine import jobs as jobs_mod
+from engine.jobs import service as jobs_mod
 from engine.errors import InputError, PermissionDeniedError, TransientError
-from engine.jobs import JOB_KINDS, JobKind
+from engine.jobs.service import JOB_KINDS, JobKind
 from engine.settings import Settings
-from engine.store import Asset, Job
+from engine.store.database import Asset, Job
 from engine.studio import Studio
 
 TINY = dict(prompt="a lighthouse", steps=2, width=64, height=64, seed=1)
@@ -45,8 +45,11 @@ def flaky_runner(req: FlakyRequest, ctx) -> dict:
 
 @pytest.fixture
 def flaky_kind(monkeypatch):
-    monkeypatch.setitem(JOB_KINDS, "flaky", JobKind("tests.test_jobs:flaky_runner", "tests.test_jobs:FlakyRequest",
-                                                    uses_gpu=False))  # fmt: skip
+    monkeypatch.setitem(
+        JOB_KINDS,
+        "flaky",
+        JobKind("tests.test_jobs:flaky_runner", "tests.test_jobs:FlakyRequest", uses_gpu=False),
+    )
     monkeypatch.setattr(jobs_mod, "RETRY_BASE_DELAY_S", 0.05)
 
 
@@ -179,8 +182,12 @@ def test_recovery_after_crash_requeues_queued_and_interrupts_running(models_dir,
     first.executor.stop()
     req = first.build_generate_request(TINY).model_dump(mode="json")
     with first.db.session() as s:
-        rows = [Job(kind="generate", status="running", request=req), Job(kind="generate", status="queued", request=req),
-                Job(kind="generate", status="queued", request=req), Job(kind="generate", status="succeeded", request=req)]  # fmt: skip
+        rows = [
+            Job(kind="generate", status="running", request=req),
+            Job(kind="generate", status="queued", request=req),
+            Job(kind="generate", status="queued", request=req),
+            Job(kind="generate", status="succeeded", request=req),
+        ]
         s.add_all(rows)
         s.commit()
     ids = [r.id for r in rows]

@@ -98,8 +98,14 @@ save_file(tensors, str(out / f"{name}.safetensors"), metadata=meta)
 print("model saved.", flush=True)
 '''
 
-BASE = {"max_train_steps": 4, "resolution": 64, "rank": 4, "alpha": 2.0, "checkpoint_every": 0,
-        "backend": "kohya"}  # fmt: skip
+BASE = {
+    "max_train_steps": 4,
+    "resolution": 64,
+    "rank": 4,
+    "alpha": 2.0,
+    "checkpoint_every": 0,
+    "backend": "kohya",
+}
 TERMINAL = ("done", "failed", "cancelled", "interrupted")
 
 
@@ -178,7 +184,9 @@ def test_not_configured_is_a_clear_error_and_no_job(studio, kohya):
     with pytest.raises(InputError, match=r"kohya_dir is empty.*--kohya-dir.*STUDIONOVA_KOHYA_DIR"):
         studio.submit_train_lora({"character": c.slug, **BASE})
     studio.settings.kohya_dir = str(kohya / "nowhere")
-    with pytest.raises(InputError, match="nowhere/train_network.py and .*nowhere/sd-scripts/train_network.py"):  # fmt: skip
+    with pytest.raises(
+        InputError, match="nowhere/train_network.py and .*nowhere/sd-scripts/train_network.py"
+    ):
         studio.submit_train_lora({"character": c.slug, **BASE})
     studio.settings.kohya_dir = str(kohya)
     with pytest.raises(InputError, match=r"backend='nope'; allowed: builtin, kohya"):
@@ -190,7 +198,7 @@ def test_not_configured_is_a_clear_error_and_no_job(studio, kohya):
 
 
 def test_install_layouts_and_interpreter(tmp_path):
-    from engine.kohya_delegate import locate_install
+    from engine.training.kohya import locate_install
 
     bare = write_fake_install(tmp_path / "sd-scripts", sub="")
     found = locate_install(SimpleNamespace(kohya_dir=str(bare), kohya_python=""))
@@ -213,12 +221,32 @@ def test_install_layouts_and_interpreter(tmp_path):
 
 def test_toml_values_match_the_request(studio, kohya):
     c = approved_character(studio, "Kohya Options")
-    values = {**BASE, "character": c.slug, "locon": True, "train_text_encoder": True, "text_encoder_lr": 3e-5,
-              "learning_rate": 2e-4, "optimizer": "adafactor", "mixed_precision": "bf16", "save_precision": "bf16",
-              "resume_from": "kohya_style", "noise_offset": 0.05, "min_snr_gamma": 5.0, "gradient_checkpointing": True,
-              "lr_scheduler": "cosine_with_restarts", "lr_num_cycles": 2, "lr_warmup_steps": 1, "seed": 7,
-              "batch_size": 2, "gradient_accumulation_steps": 2, "checkpoint_every": 2, "keep_checkpoints": 2,
-              "cache_latents": False, "sample_every": 2, "sample_prompts": ["kohyaoptions, smiling"]}  # fmt: skip
+    values = {
+        **BASE,
+        "character": c.slug,
+        "locon": True,
+        "train_text_encoder": True,
+        "text_encoder_lr": 3e-5,
+        "learning_rate": 2e-4,
+        "optimizer": "adafactor",
+        "mixed_precision": "bf16",
+        "save_precision": "bf16",
+        "resume_from": "kohya_style",
+        "noise_offset": 0.05,
+        "min_snr_gamma": 5.0,
+        "gradient_checkpointing": True,
+        "lr_scheduler": "cosine_with_restarts",
+        "lr_num_cycles": 2,
+        "lr_warmup_steps": 1,
+        "seed": 7,
+        "batch_size": 2,
+        "gradient_accumulation_steps": 2,
+        "checkpoint_every": 2,
+        "keep_checkpoints": 2,
+        "cache_latents": False,
+        "sample_every": 2,
+        "sample_prompts": ["kohyaoptions, smiling"],
+    }
     jid, _ = studio.submit_train_lora(values)
     wait(studio, jid)
     cfg = flat_config(studio, jid)
@@ -227,7 +255,8 @@ def test_toml_values_match_the_request(studio, kohya):
     # offline: the base model's tokenizer where sd-scripts looks before the Hub
     cached = Path(cfg["tokenizer_cache_dir"]) / "openai_clip-vit-large-patch14"
     assert (cached / "tokenizer_config.json").read_bytes() == (
-        Path(train["model_path"]) / "tokenizer" / "tokenizer_config.json").read_bytes()
+        Path(train["model_path"]) / "tokenizer" / "tokenizer_config.json"
+    ).read_bytes()
     assert (cfg["network_module"], cfg["network_dim"], cfg["network_alpha"]) == ("networks.lora", 4, 2.0)
     assert cfg["network_args"] == ["conv_dim=4", "conv_alpha=2.0"]
     assert cfg["network_train_unet_only"] is False and cfg["text_encoder_lr"] == 3e-5
@@ -261,8 +290,8 @@ def test_toml_values_match_the_request(studio, kohya):
 
 
 def test_every_optimizer_and_family_maps_to_sd_scripts_names(tmp_path):
-    from engine.kohya_delegate import KohyaLayout, bucket_settings, dataset_config, training_config
-    from engine.training import TrainLoraRequest
+    from engine.training.kohya import KohyaLayout, bucket_settings, dataset_config, training_config
+    from engine.training.trainer import TrainLoraRequest
 
     layout = KohyaLayout(tmp_path)
     base = {"model": "m", "images": [{"path": "/x.png", "caption": "x"}], "output_name": "x-lora"}
@@ -270,8 +299,12 @@ def test_every_optimizer_and_family_maps_to_sd_scripts_names(tmp_path):
     for ours in ("adamw", "adamw8bit", "prodigy", "adafactor"):
         cfg = training_config(TrainLoraRequest.build(**base, optimizer=ours), tmp_path, layout, False)
         names[ours] = cfg["optimizer"]["optimizer_type"]
-    assert names == {"adamw": "AdamW", "adamw8bit": "AdamW8bit", "prodigy": "Prodigy",
-                     "adafactor": "Adafactor"}  # fmt: skip
+    assert names == {
+        "adamw": "AdamW",
+        "adamw8bit": "AdamW8bit",
+        "prodigy": "Prodigy",
+        "adafactor": "Adafactor",
+    }
     xl = TrainLoraRequest.build(**base, family="sdxl", resolution=1024, max_train_epochs=3)
     cfg = training_config(xl, tmp_path, layout, v_prediction=True)
     assert cfg["training"]["no_half_vae"] is True and cfg["model"]["v_parameterization"] is True
@@ -282,12 +315,18 @@ def test_every_optimizer_and_family_maps_to_sd_scripts_names(tmp_path):
     assert bucket_settings(xl) == {"min_bucket_reso": 512, "max_bucket_reso": 2048, "bucket_reso_steps": 64}
     small = TrainLoraRequest.build(**base, resolution=256)
     assert bucket_settings(small) == {"min_bucket_reso": 128, "max_bucket_reso": 512, "bucket_reso_steps": 64}
-    flat = TrainLoraRequest.build(**base, bucketing=False, random_flip=True, caption_dropout=0.1,
-                                  shuffle_captions=True, keep_tokens=2)  # fmt: skip
+    flat = TrainLoraRequest.build(
+        **base, bucketing=False, random_flip=True, caption_dropout=0.1, shuffle_captions=True, keep_tokens=2
+    )
     ds = dataset_config(flat, [])
     assert ds["datasets"][0]["enable_bucket"] is False and "min_bucket_reso" not in ds["datasets"][0]
-    assert ds["general"] == {"caption_extension": ".txt", "shuffle_caption": True, "keep_tokens": 2,
-                             "flip_aug": True, "caption_dropout_rate": 0.1}  # fmt: skip
+    assert ds["general"] == {
+        "caption_extension": ".txt",
+        "shuffle_caption": True,
+        "keep_tokens": 2,
+        "flip_aug": True,
+        "caption_dropout_rate": 0.1,
+    }
 
 
 def test_dataset_layout_has_every_image_with_its_caption_and_repeats(studio, kohya):
@@ -296,14 +335,17 @@ def test_dataset_layout_has_every_image_with_its_caption_and_repeats(studio, koh
     reg.mkdir(parents=True)
     make_image(reg / "r0.png", size=(64, 64), seed=910)
     (reg / "r0.txt").write_text("a person", encoding="utf-8")
-    jid, _ = studio.submit_train_lora({**BASE, "character": c.slug, "repeats": 3, "reg_dir": str(reg.parent),
-                                       "prior_loss_weight": 0.5})  # fmt: skip
+    jid, _ = studio.submit_train_lora(
+        {**BASE, "character": c.slug, "repeats": 3, "reg_dir": str(reg.parent), "prior_loss_weight": 0.5}
+    )
     wait(studio, jid)
     images = studio.jobs.require(jid).request["train"]["images"]
     dataset = tomllib.loads((kohya_dir_of(studio, jid) / "dataset.toml").read_text(encoding="utf-8"))
     subsets = dataset["datasets"][0]["subsets"]
     assert [(Path(s["image_dir"]).name, s["num_repeats"], s["is_reg"]) for s in subsets] == [
-        (f"3_{c.slug}-lora", 3, False), ("3_reg", 3, True)]  # fmt: skip
+        (f"3_{c.slug}-lora", 3, False),
+        ("3_reg", 3, True),
+    ]
     assert dataset["datasets"][0]["resolution"] == 64 and dataset["datasets"][0]["enable_bucket"] is True
     assert flat_config(studio, jid)["prior_loss_weight"] == 0.5
     for index, item in enumerate(images):
@@ -320,11 +362,18 @@ def test_dataset_layout_has_every_image_with_its_caption_and_repeats(studio, koh
 
 def test_progress_loss_samples_and_the_registered_version(studio, kohya, models_dir):
     from engine.artifacts import safetensors_header
-    from engine.characters import inspect_lora
+    from engine.characters.characters import inspect_lora
 
     c = approved_character(studio, "Kohya Result")
-    jid, _ = studio.submit_train_lora({**BASE, "character": c.slug, "max_train_steps": 6, "sample_every": 3,
-                                       "sample_prompts": ["kohyaresult"]})  # fmt: skip
+    jid, _ = studio.submit_train_lora(
+        {
+            **BASE,
+            "character": c.slug,
+            "max_train_steps": 6,
+            "sample_every": 3,
+            "sample_prompts": ["kohyaresult"],
+        }
+    )
     events = events_until_end(studio, jid)
     assert events[-1]["type"] == "done", events[-1]
     res = events[-1]["result"]
@@ -340,8 +389,12 @@ def test_progress_loss_samples_and_the_registered_version(studio, kohya, models_
     assert res["losses"] == pytest.approx([1 / s for s in range(1, 7)], rel=1e-3) and res["steps"] == 6
     assert len(res["samples"]) == 2 and res["backend"] == "kohya"
     assert Path(received(studio, jid)["cwd"]) == (kohya / "sd-scripts").resolve()
-    assert received(studio, jid)["argv"][1:] == ["--config_file", str(kohya_dir_of(studio, jid) / "config.toml"),
-                                                 "--dataset_config", str(kohya_dir_of(studio, jid) / "dataset.toml")]  # fmt: skip
+    assert received(studio, jid)["argv"][1:] == [
+        "--config_file",
+        str(kohya_dir_of(studio, jid) / "config.toml"),
+        "--dataset_config",
+        str(kohya_dir_of(studio, jid) / "dataset.toml"),
+    ]
     # registered as the character's next version, in models/loras, loadable by our inspection
     path = models_dir / "loras" / f"{c.slug}-v1.safetensors"
     assert res["lora"] == f"{c.slug}-v1" and res["file"] == f"loras/{c.slug}-v1.safetensors"
@@ -360,7 +413,7 @@ def test_progress_loss_samples_and_the_registered_version(studio, kohya, models_
 
 
 def test_sdxl_runs_sdxl_train_network_and_a_single_file_base_its_diffusers_conversion(studio, kohya):
-    from engine.characters import inspect_lora
+    from engine.characters.characters import inspect_lora
 
     c = approved_character(studio, "Kohya XL")
     jid, _ = studio.submit_train_lora({**BASE, "character": c.slug, "model": "tiny-sdxl", "resolution": 512})
@@ -419,7 +472,7 @@ def test_cancel_terminates_the_process_group(studio, kohya, monkeypatch):
 def test_a_saved_state_is_resumed_with_resume(studio, kohya, monkeypatch):
     from sqlalchemy import update
 
-    from engine.store import Job
+    from engine.store.database import Job
 
     c = approved_character(studio, "Kohya Resume")
     monkeypatch.setenv("FAKE_KOHYA_EXIT_AT", "3")
@@ -453,13 +506,14 @@ def test_resume_from_that_sd_scripts_would_misread_is_refused_before_a_job(studi
     with pytest.raises(InputError, match="is a diffusers LoRA; sd-scripts continues only from kohya-format"):
         studio.submit_train_lora({**BASE, "character": c.slug, "resume_from": "peft_style"})
     with pytest.raises(InputError, match=r"sample_prompts\[0\].*' --'"):
-        studio.submit_train_lora({**BASE, "character": c.slug, "sample_every": 2,
-                                  "sample_prompts": ["a --n b"]})  # fmt: skip
+        studio.submit_train_lora(
+            {**BASE, "character": c.slug, "sample_every": 2, "sample_prompts": ["a --n b"]}
+        )
     assert len(studio.recent_jobs(1000)) == n
 
 
 def test_progress_parsing_and_line_splitting():
-    from engine.kohya_delegate import LineSplitter, parse_progress
+    from engine.training.kohya import LineSplitter, parse_progress
 
     frame = parse_progress("steps:  12%|█▏        | 12/100 [00:05<00:40,  2.10it/s, avr_loss=0.123]")
     assert (frame.desc, frame.n, frame.total, frame.eta, frame.loss) == ("steps", 12, 100, 40.0, 0.123)

@@ -40,8 +40,16 @@ def test_many_concurrent_clients_all_finish(models_dir, tmp_path):
 
         def one(i):
             c = Client(app.url, verbose=False)
-            return c.predict(prompt=f"n{i}", negative_prompt="", loras="", steps=2, width=64, height=64, seed=i,
-                             api_name="/generate")[2]  # fmt: skip
+            return c.predict(
+                prompt=f"n{i}",
+                negative_prompt="",
+                loras="",
+                steps=2,
+                width=64,
+                height=64,
+                seed=i,
+                api_name="/generate",
+            )[2]
 
         with cf.ThreadPoolExecutor(8) as pool:
             ids = list(pool.map(one, range(16)))

@@ -26,13 +26,22 @@ def _lora_config(targets, seed):
 
 def _latents(pipe, **kwargs):
     with torch.no_grad():
-        return pipe("a red fox", num_inference_steps=2, height=64, width=64, output_type="latent",
-                    generator=torch.Generator().manual_seed(0), **kwargs).images  # fmt: skip
+        return pipe(
+            "a red fox",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+            **kwargs,
+        ).images
 
 
 def _expected_names(prefix: str, blocks, layers, attns, projs) -> set[str]:
-    return {f"{prefix}_{b}_{layer}_{a}_{p}{s}"
-            for b, layer, a, p, s in itertools.product(blocks, layers, attns, projs, SUFFIXES)}  # fmt: skip
+    return {
+        f"{prefix}_{b}_{layer}_{a}_{p}{s}"
+        for b, layer, a, p, s in itertools.product(blocks, layers, attns, projs, SUFFIXES)
+    }
 
 
 def _data_sha256(path) -> str:
@@ -53,7 +62,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    from engine.demo_model import ensure_demo_model
+    from engine.model_manager.demo_model import ensure_demo_model
     from engine.paths import ModelRoots
 
     root = tmp_path_factory.mktemp("lora_export_models")
@@ -82,18 +91,31 @@ def sd1_export(demo_dir, tmp_path_factory):
     """(file, kohya tensors, latents with the PEFT adapters active) for UNet + text-encoder LoRAs."""
     from peft import get_peft_model_state_dict
 
-    from engine.lora_export import kohya_metadata, peft_to_kohya, save_kohya_lora
+    from engine.training.export import kohya_metadata, peft_to_kohya, save_kohya_lora
 
     pipe = _sd1_pipe(demo_dir)
     pipe.unet.add_adapter(_lora_config(UNET_TARGETS, seed=11))
     pipe.text_encoder.add_adapter(_lora_config(TE_TARGETS, seed=12))
     peft_latents = _latents(pipe)
-    tensors = peft_to_kohya(get_peft_model_state_dict(pipe.unet),
-                            {"te1": get_peft_model_state_dict(pipe.text_encoder)}, ALPHA, "sd1")  # fmt: skip
-    meta = kohya_metadata(family="sd1", rank=RANK, alpha=ALPHA, base_model_name="studionova-demo",
-                          base_model_hash="0123456789", resolution=(512, 512), steps=100, epochs=2,
-                          learning_rate=1e-4, name="nova-fox", extra={"modelspec.trigger_phrase": "nova fox",
-                                                                       "ss_tag_frequency": {"fox": {"fox": 3}}})  # fmt: skip
+    tensors = peft_to_kohya(
+        get_peft_model_state_dict(pipe.unet),
+        {"te1": get_peft_model_state_dict(pipe.text_encoder)},
+        ALPHA,
+        "sd1",
+    )
+    meta = kohya_metadata(
+        family="sd1",
+        rank=RANK,
+        alpha=ALPHA,
+        base_model_name="studionova-demo",
+        base_model_hash="0123456789",
+        resolution=(512, 512),
+        steps=100,
+        epochs=2,
+        learning_rate=1e-4,
+        name="nova-fox",
+        extra={"modelspec.trigger_phrase": "nova fox", "ss_tag_frequency": {"fox": {"fox": 3}}},
+    )
     path = tmp_path_factory.mktemp("loras") / "nova-fox.safetensors"
     file_sha = save_kohya_lora(path, tensors, meta)
     return path, tensors, peft_latents, file_sha
@@ -103,19 +125,34 @@ def sd1_export(demo_dir, tmp_path_factory):
 def sdxl_export(tmp_path_factory):
     from peft import get_peft_model_state_dict
 
-    from engine.lora_export import kohya_metadata, peft_to_kohya, save_kohya_lora
+    from engine.training.export import kohya_metadata, peft_to_kohya, save_kohya_lora
 
     pipe = _sdxl_pipe()
     pipe.unet.add_adapter(_lora_config(UNET_TARGETS, seed=21))
     pipe.text_encoder.add_adapter(_lora_config(TE_TARGETS, seed=22))
     pipe.text_encoder_2.add_adapter(_lora_config(TE_TARGETS, seed=23))
     peft_latents = _latents(pipe)
-    tensors = peft_to_kohya(get_peft_model_state_dict(pipe.unet),
-                            {"te1": get_peft_model_state_dict(pipe.text_encoder),
-                             "te2": get_peft_model_state_dict(pipe.text_encoder_2)}, ALPHA, "sdxl")  # fmt: skip
-    meta = kohya_metadata(family="sdxl", rank=RANK, alpha=ALPHA, base_model_name="tiny-sdxl",
-                          base_model_hash="abcdef0123", resolution=(1024, 768), steps=10, epochs=1,
-                          learning_rate=5e-5, name="xl-fox")  # fmt: skip
+    tensors = peft_to_kohya(
+        get_peft_model_state_dict(pipe.unet),
+        {
+            "te1": get_peft_model_state_dict(pipe.text_encoder),
+            "te2": get_peft_model_state_dict(pipe.text_encoder_2),
+        },
+        ALPHA,
+        "sdxl",
+    )
+    meta = kohya_metadata(
+        family="sdxl",
+        rank=RANK,
+        alpha=ALPHA,
+        base_model_name="tiny-sdxl",
+        base_model_hash="abcdef0123",
+        resolution=(1024, 768),
+        steps=10,
+        epochs=1,
+        learning_rate=5e-5,
+        name="xl-fox",
+    )
     path = tmp_path_factory.mktemp("loras_xl") / "xl-fox.safetensors"
     save_kohya_lora(path, tensors, meta)
     return path, tensors, peft_latents
@@ -123,19 +160,36 @@ def sdxl_export(tmp_path_factory):
 
 # --- names and alpha ------------------------------------------------------------------------
 
-SD1_UNET_BLOCKS = ["down_blocks_1_attentions_0", "down_blocks_1_attentions_1", "mid_block_attentions_0",
-                   "up_blocks_0_attentions_0", "up_blocks_0_attentions_1", "up_blocks_0_attentions_2"]  # fmt: skip
+SD1_UNET_BLOCKS = [
+    "down_blocks_1_attentions_0",
+    "down_blocks_1_attentions_1",
+    "mid_block_attentions_0",
+    "up_blocks_0_attentions_0",
+    "up_blocks_0_attentions_1",
+    "up_blocks_0_attentions_2",
+]
 # tiny SDXL: attention in down level 1 (sgm input_blocks 4, 5), the middle block, and up level 0
 # (output_blocks 0-2); two transformer blocks each
-SDXL_UNET_BLOCKS = ["input_blocks_4_1", "input_blocks_5_1", "middle_block_1", "output_blocks_0_1",
-                    "output_blocks_1_1", "output_blocks_2_1"]  # fmt: skip
+SDXL_UNET_BLOCKS = [
+    "input_blocks_4_1",
+    "input_blocks_5_1",
+    "middle_block_1",
+    "output_blocks_0_1",
+    "output_blocks_1_1",
+    "output_blocks_2_1",
+]
 TE_LAYERS = [f"text_model_encoder_layers_{i}_self_attn" for i in range(5)]
 
 
 def test_sd1_names_are_kohya_diffusers_paths_with_trained_alpha(sd1_export):
     _, tensors, _, _ = sd1_export
-    expected = _expected_names("lora_unet", SD1_UNET_BLOCKS, ["transformer_blocks_0"], ["attn1", "attn2"],
-                               ["to_q", "to_k", "to_v", "to_out_0"])  # fmt: skip
+    expected = _expected_names(
+        "lora_unet",
+        SD1_UNET_BLOCKS,
+        ["transformer_blocks_0"],
+        ["attn1", "attn2"],
+        ["to_q", "to_k", "to_v", "to_out_0"],
+    )
     expected |= {f"lora_te_{layer}_{p}{s}" for layer in TE_LAYERS for p in TE_TARGETS for s in SUFFIXES}
     assert set(tensors) == expected
     assert "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
@@ -151,8 +205,13 @@ def test_sd1_names_are_kohya_diffusers_paths_with_trained_alpha(sd1_export):
 
 def test_sdxl_names_are_sgm_layout(sdxl_export):
     _, tensors, _ = sdxl_export
-    expected = _expected_names("lora_unet", SDXL_UNET_BLOCKS, ["transformer_blocks_0", "transformer_blocks_1"],
-                               ["attn1", "attn2"], ["to_q", "to_k", "to_v", "to_out_0"])  # fmt: skip
+    expected = _expected_names(
+        "lora_unet",
+        SDXL_UNET_BLOCKS,
+        ["transformer_blocks_0", "transformer_blocks_1"],
+        ["attn1", "attn2"],
+        ["to_q", "to_k", "to_v", "to_out_0"],
+    )
     for prefix in ("lora_te1", "lora_te2"):
         expected |= {f"{prefix}_{layer}_{p}{s}" for layer in TE_LAYERS for p in TE_TARGETS for s in SUFFIXES}
     assert set(tensors) == expected
@@ -165,19 +224,24 @@ def test_sdxl_names_are_sgm_layout(sdxl_export):
 def test_locon_conv_layers_keep_shapes_and_get_sgm_resnet_names():
     from peft import get_peft_model_state_dict
 
-    from engine.lora_export import peft_to_kohya
+    from engine.training.export import peft_to_kohya
 
     unet = _sdxl_pipe().unet
-    unet.add_adapter(_lora_config(r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|samplers\.0\.conv)$",
-                                  seed=31))  # fmt: skip
+    unet.add_adapter(
+        _lora_config(
+            r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|samplers\.0\.conv)$", seed=31
+        )
+    )
     state = get_peft_model_state_dict(unet)
     sdxl = peft_to_kohya(state, {}, ALPHA, "sdxl")
-    for name, shape in {"lora_unet_input_blocks_1_0_in_layers_2": (RANK, 32, 3, 3),  # down 0 resnet 0 conv1
-                        "lora_unet_input_blocks_3_0_op": (RANK, 32, 3, 3),  # down 0 downsampler
-                        "lora_unet_input_blocks_4_0_skip_connection": (RANK, 32, 1, 1),
-                        "lora_unet_middle_block_2_out_layers_3": (RANK, 64, 3, 3),
-                        "lora_unet_output_blocks_2_2_conv": (RANK, 64, 3, 3),  # up 0 upsampler
-                        "lora_unet_output_blocks_5_0_emb_layers_1": (RANK, 128)}.items():  # fmt: skip
+    for name, shape in {
+        "lora_unet_input_blocks_1_0_in_layers_2": (RANK, 32, 3, 3),  # down 0 resnet 0 conv1
+        "lora_unet_input_blocks_3_0_op": (RANK, 32, 3, 3),  # down 0 downsampler
+        "lora_unet_input_blocks_4_0_skip_connection": (RANK, 32, 1, 1),
+        "lora_unet_middle_block_2_out_layers_3": (RANK, 64, 3, 3),
+        "lora_unet_output_blocks_2_2_conv": (RANK, 64, 3, 3),  # up 0 upsampler
+        "lora_unet_output_blocks_5_0_emb_layers_1": (RANK, 128),
+    }.items():
         assert tuple(sdxl[f"{name}.lora_down.weight"].shape) == shape
         assert sdxl[f"{name}.lora_up.weight"].shape[1] == RANK
         assert sdxl[f"{name}.alpha"].item() == ALPHA
@@ -187,17 +251,23 @@ def test_locon_conv_layers_keep_shapes_and_get_sgm_resnet_names():
 
 
 def test_bad_inputs_raise_input_error_naming_the_value():
-    from engine.lora_export import kohya_metadata, peft_to_kohya
+    from engine.training.export import kohya_metadata, peft_to_kohya
 
-    state = {"down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
-             "down_blocks.1.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4)}  # fmt: skip
+    state = {
+        "down_blocks.1.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 8),
+        "down_blocks.1.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 4),
+    }
     with pytest.raises(InputError, match=r"'flux'.*sd1, sd2, sdxl"):
         peft_to_kohya(state, {}, ALPHA, "flux")
     with pytest.raises(InputError, match="'te2'"):
         peft_to_kohya(state, {"te2": {}}, ALPHA, "sd1")
     with pytest.raises(InputError, match="lora_magnitude_vector"):
-        peft_to_kohya({**state, "down_blocks.1.attentions.0.proj_in.lora_magnitude_vector": torch.ones(8)}, {},
-                      ALPHA, "sd1")  # fmt: skip
+        peft_to_kohya(
+            {**state, "down_blocks.1.attentions.0.proj_in.lora_magnitude_vector": torch.ones(8)},
+            {},
+            ALPHA,
+            "sd1",
+        )
     with pytest.raises(InputError, match=r"'unet\.down_blocks"):
         peft_to_kohya({"unet." + k: v for k, v in state.items()}, {}, ALPHA, "sd1")
     with pytest.raises(InputError, match="lacks its lora_B"):
@@ -207,8 +277,18 @@ def test_bad_inputs_raise_input_error_naming_the_value():
     with pytest.raises(InputError, match="alpha 0"):
         peft_to_kohya(state, {}, 0, "sd1")
     with pytest.raises(InputError, match=r"'sd3'.*sd1, sd2, sdxl"):
-        kohya_metadata(family="sd3", rank=4, alpha=8, base_model_name="m", base_model_hash="h",
-                       resolution=(512, 512), steps=1, epochs=1, learning_rate=1e-4, name="n")  # fmt: skip
+        kohya_metadata(
+            family="sd3",
+            rank=4,
+            alpha=8,
+            base_model_name="m",
+            base_model_hash="h",
+            resolution=(512, 512),
+            steps=1,
+            epochs=1,
+            learning_rate=1e-4,
+            name="n",
+        )
 
 
 # --- the file: metadata, hashes, StudioNOVA's detection ------------------------------------------
@@ -216,17 +296,36 @@ def test_bad_inputs_raise_input_error_naming_the_value():
 
 def test_file_metadata_hashes_and_format(sd1_export):
     from engine.artifacts import lora_short_hash, safetensors_header, sha256_file
-    from engine.pipelines import lora_format
+    from engine.model_manager.pipelines import lora_format
 
     path, tensors, _, file_sha = sd1_export
     _, header = safetensors_header(path)
     meta = header["__metadata__"]
     assert set(header) - {"__metadata__"} == set(tensors)
-    assert {k: meta[k] for k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
-                                 "ss_v2", "ss_output_name", "ss_resolution", "ss_steps", "ss_epoch")} == {
-        "ss_network_module": "networks.lora", "ss_network_dim": "4", "ss_network_alpha": "8.0",
-        "ss_base_model_version": "sd_v1", "ss_v2": "False", "ss_output_name": "nova-fox",
-        "ss_resolution": "(512, 512)", "ss_steps": "100", "ss_epoch": "2"}  # fmt: skip
+    assert {
+        k: meta[k]
+        for k in (
+            "ss_network_module",
+            "ss_network_dim",
+            "ss_network_alpha",
+            "ss_base_model_version",
+            "ss_v2",
+            "ss_output_name",
+            "ss_resolution",
+            "ss_steps",
+            "ss_epoch",
+        )
+    } == {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": "4",
+        "ss_network_alpha": "8.0",
+        "ss_base_model_version": "sd_v1",
+        "ss_v2": "False",
+        "ss_output_name": "nova-fox",
+        "ss_resolution": "(512, 512)",
+        "ss_steps": "100",
+        "ss_epoch": "2",
+    }
     assert meta["ss_sd_model_name"] == "studionova-demo" and meta["ss_sd_model_hash"] == "0123456789"
     assert float(meta["ss_learning_rate"]) == 1e-4 and meta["ss_network_args"] == "{}"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
@@ -244,7 +343,7 @@ def test_file_metadata_hashes_and_format(sd1_export):
 
 def test_sdxl_file_metadata(sdxl_export):
     from engine.artifacts import lora_short_hash, safetensors_header
-    from engine.pipelines import lora_format
+    from engine.model_manager.pipelines import lora_format
 
     path, _, _ = sdxl_export
     meta = safetensors_header(path)[1]["__metadata__"]
@@ -258,14 +357,17 @@ def test_sdxl_file_metadata(sdxl_export):
 
 def test_hash_does_not_depend_on_metadata(tmp_path, sd1_export):
     from engine.artifacts import safetensors_header
-    from engine.lora_export import save_kohya_lora
+    from engine.training.export import save_kohya_lora
 
     _, tensors, _, _ = sd1_export
     a = save_kohya_lora(tmp_path / "a.safetensors", tensors, {"ss_output_name": "a"})
     b = save_kohya_lora(tmp_path / "b.safetensors", tensors, {"ss_output_name": "bbbbbbbb", "x": "y"})
     assert a != b
-    hashes = {safetensors_header(tmp_path / n)[1]["__metadata__"]["sshs_model_hash"] for n in ("a", "b")
-              for n in [f"{n}.safetensors"]}  # fmt: skip
+    hashes = {
+        safetensors_header(tmp_path / n)[1]["__metadata__"]["sshs_model_hash"]
+        for n in ("a", "b")
+        for n in [f"{n}.safetensors"]
+    }
     assert len(hashes) == 1
     with pytest.raises(InputError, match="'ss_steps'"):
         save_kohya_lora(tmp_path / "c.safetensors", tensors, {"ss_steps": 3})
@@ -318,7 +420,7 @@ def test_sdxl_locon_export_loads_and_matches_peft(tmp_path):
     same diffusers modules in diffusers' SDXL kohya loader."""
     from peft import get_peft_model_state_dict
 
-    from engine.lora_export import peft_to_kohya, save_kohya_lora
+    from engine.training.export import peft_to_kohya, save_kohya_lora
 
     pipe = _sdxl_pipe()
     targets = r".*(resnets\.\d+\.(conv1|conv2|conv_shortcut|time_emb_proj)|samplers\.0\.conv|attn1\.to_q)$"

@@ -38,43 +38,85 @@ EXPECTED_PARAMS = {
 # Values that do not change a parameter count but change what the model computes
 EXPECTED_VALUES = {
     "sd1": {
-        "model_index.json": {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-                             "safety_checker": [None, None], "feature_extractor": [None, None]},
-        "scheduler/scheduler_config.json": {"_class_name": "PNDMScheduler", "skip_prk_steps": True,
-                                            "steps_offset": 1, "beta_schedule": "scaled_linear"},
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline",
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+        },
+        "scheduler/scheduler_config.json": {
+            "_class_name": "PNDMScheduler",
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "beta_schedule": "scaled_linear",
+        },
         "unet/config.json": {"sample_size": 64, "attention_head_dim": 8, "cross_attention_dim": 768},
         "vae/config.json": {"sample_size": 512},
         "text_encoder/config.json": {"hidden_act": "quick_gelu", "hidden_size": 768, "num_hidden_layers": 12},
     },
     "sd2": {
-        "model_index.json": {"_class_name": "StableDiffusionPipeline", "requires_safety_checker": False,
-                             "safety_checker": [None, None]},
-        "scheduler/scheduler_config.json": {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction"},
-        "unet/config.json": {"sample_size": 96, "use_linear_projection": True, "upcast_attention": True,
-                             "attention_head_dim": [5, 10, 20, 20], "cross_attention_dim": 1024},
+        "model_index.json": {
+            "_class_name": "StableDiffusionPipeline",
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+        },
+        "scheduler/scheduler_config.json": {
+            "_class_name": "DDIMScheduler",
+            "prediction_type": "v_prediction",
+        },
+        "unet/config.json": {
+            "sample_size": 96,
+            "use_linear_projection": True,
+            "upcast_attention": True,
+            "attention_head_dim": [5, 10, 20, 20],
+            "cross_attention_dim": 1024,
+        },
         "vae/config.json": {"sample_size": 768},
         "text_encoder/config.json": {"hidden_act": "gelu", "hidden_size": 1024, "num_hidden_layers": 23},
     },
     "sdxl": {
-        "model_index.json": {"_class_name": "StableDiffusionXLPipeline", "force_zeros_for_empty_prompt": True},
-        "scheduler/scheduler_config.json": {"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon",
-                                            "timestep_spacing": "leading", "steps_offset": 1},
-        "unet/config.json": {"sample_size": 128, "addition_embed_type": "text_time",
-                             "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
-                             "transformer_layers_per_block": [1, 2, 10], "cross_attention_dim": 2048},
+        "model_index.json": {
+            "_class_name": "StableDiffusionXLPipeline",
+            "force_zeros_for_empty_prompt": True,
+        },
+        "scheduler/scheduler_config.json": {
+            "_class_name": "EulerDiscreteScheduler",
+            "prediction_type": "epsilon",
+            "timestep_spacing": "leading",
+            "steps_offset": 1,
+        },
+        "unet/config.json": {
+            "sample_size": 128,
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256,
+            "projection_class_embeddings_input_dim": 2816,
+            "transformer_layers_per_block": [1, 2, 10],
+            "cross_attention_dim": 2048,
+        },
         "vae/config.json": {"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
         "text_encoder_2/config.json": {"hidden_act": "gelu", "hidden_size": 1280, "projection_dim": 1280},
     },
     "sdxl-refiner": {
-        "model_index.json": {"_class_name": "StableDiffusionXLImg2ImgPipeline", "requires_aesthetics_score": True,
-                             "force_zeros_for_empty_prompt": False, "text_encoder": [None, None],
-                             "tokenizer": [None, None]},
-        "scheduler/scheduler_config.json": {"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"},
-        "unet/config.json": {"sample_size": 128, "projection_class_embeddings_input_dim": 2560,
-                             "transformer_layers_per_block": 4, "cross_attention_dim": 1280},
+        "model_index.json": {
+            "_class_name": "StableDiffusionXLImg2ImgPipeline",
+            "requires_aesthetics_score": True,
+            "force_zeros_for_empty_prompt": False,
+            "text_encoder": [None, None],
+            "tokenizer": [None, None],
+        },
+        "scheduler/scheduler_config.json": {
+            "_class_name": "EulerDiscreteScheduler",
+            "prediction_type": "epsilon",
+        },
+        "unet/config.json": {
+            "sample_size": 128,
+            "projection_class_embeddings_input_dim": 2560,
+            "transformer_layers_per_block": 4,
+            "cross_attention_dim": 1280,
+        },
         "vae/config.json": {"sample_size": 1024, "scaling_factor": 0.13025, "force_upcast": True},
     },
-}  # fmt: skip
+}
 
 # tokenizer folder -> pad token (the OpenCLIP-trained encoders pad with "!", id 0, as upstream)
 PAD_TOKENS = {

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from engine import modes
 from engine.errors import InputError, NotFoundError
-from engine.infotext import parse_infotext
-from engine.prompts import Fragment, encode_prompts, extract_lora_tags, parse_prompt
+from engine.gallery.infotext import parse_infotext
+from engine.generation import modes
+from engine.generation.prompts import Fragment, encode_prompts, extract_lora_tags, parse_prompt
 from tests.test_generate import pixels, run
 
 
@@ -97,8 +97,16 @@ def source(studio):
 @pytest.mark.parametrize("content", ["original", "fill", "latent noise", "latent nothing"])
 def test_inpaint_changes_only_the_masked_area(studio, source, content):
     mask_path = _mask(studio.settings.outputs_dir / f"mask-{content.replace(' ', '_')}.png")
-    res = run(studio, seed=11, steps=3, init_image=source, mask_image=str(mask_path),
-              denoising_strength=0.9, masked_content=content, mask_blur=4)  # fmt: skip
+    res = run(
+        studio,
+        seed=11,
+        steps=3,
+        init_image=source,
+        mask_image=str(mask_path),
+        denoising_strength=0.9,
+        masked_content=content,
+        mask_blur=4,
+    )
     out, src = pixels(res), np.asarray(Image.open(source).convert("RGB"), dtype=np.int16)
     _, blurred = modes.prepare_mask(Image.open(mask_path), 4)
     outside = np.asarray(blurred) == 0
@@ -111,8 +119,16 @@ def test_inpaint_changes_only_the_masked_area(studio, source, content):
 
 def test_inpaint_only_masked_with_padding(studio, source):
     mask_path = _mask(studio.settings.outputs_dir / "mask-small.png", box=(40, 40, 56, 56))
-    res = run(studio, seed=12, steps=2, init_image=source, mask_image=str(mask_path),
-              inpaint_only_masked=True, inpaint_padding=8, denoising_strength=0.8)  # fmt: skip
+    res = run(
+        studio,
+        seed=12,
+        steps=2,
+        init_image=source,
+        mask_image=str(mask_path),
+        inpaint_only_masked=True,
+        inpaint_padding=8,
+        denoising_strength=0.8,
+    )
     out, src = pixels(res), np.asarray(Image.open(source).convert("RGB"), dtype=np.int16)
     _, blurred = modes.prepare_mask(Image.open(mask_path), 4)
     assert np.array_equal(out[np.asarray(blurred) == 0], src[np.asarray(blurred) == 0])
@@ -120,8 +136,16 @@ def test_inpaint_only_masked_with_padding(studio, source):
 
 
 def test_outpaint_extends_the_canvas(studio, source):
-    res = run(studio, seed=13, steps=2, init_image=source, outpaint_left=16, outpaint_down=8,
-              denoising_strength=0.9, mask_blur=0)  # fmt: skip
+    res = run(
+        studio,
+        seed=13,
+        steps=2,
+        init_image=source,
+        outpaint_left=16,
+        outpaint_down=8,
+        denoising_strength=0.9,
+        mask_blur=0,
+    )
     out = pixels(res)
     assert out.shape[:2] == (72, 80)
     src = np.asarray(Image.open(source).convert("RGB"), dtype=np.int16)
@@ -131,14 +155,17 @@ def test_outpaint_extends_the_canvas(studio, source):
 
 def test_mask_without_init_image_is_refused(studio):
     with pytest.raises(InputError, match="init_image"):
-        studio.build_generate_request({"prompt": "x", "mask_image": str(_mask(studio.settings.outputs_dir / "m.png"))})
+        studio.build_generate_request(
+            {"prompt": "x", "mask_image": str(_mask(studio.settings.outputs_dir / "m.png"))}
+        )
 
 
 def test_empty_mask_is_a_clear_error(studio, source):
     empty = studio.settings.outputs_dir / "mask-empty.png"
     Image.new("L", (64, 64), 0).save(empty)
-    job_id, _ = studio.submit_generate({"prompt": "x", "steps": 2, "width": 64, "height": 64,
-                                        "init_image": source, "mask_image": str(empty)})  # fmt: skip
+    job_id, _ = studio.submit_generate(
+        {"prompt": "x", "steps": 2, "width": 64, "height": 64, "init_image": source, "mask_image": str(empty)}
+    )
     last = list(studio.watch(job_id))[-1]
     assert last["type"] == "failed" and "mask_image is empty" in last["error"]
 
@@ -147,8 +174,16 @@ def test_empty_mask_is_a_clear_error(studio, source):
 @pytest.mark.parametrize("upscaler", ["Latent", "Lanczos", "tiny-compact-x4"])
 def test_hires_fix_output_size(studio, upscaler):
     """Latent, Lanczos, or an upscale model from models/upscale_models (Real-ESRGAN Compact via spandrel)."""
-    res = run(studio, seed=21, steps=2, enable_hr=True, hr_scale=1.5, hr_upscaler=upscaler,
-              hr_second_pass_steps=2, hr_denoising_strength=0.6)  # fmt: skip
+    res = run(
+        studio,
+        seed=21,
+        steps=2,
+        enable_hr=True,
+        hr_scale=1.5,
+        hr_upscaler=upscaler,
+        hr_second_pass_steps=2,
+        hr_denoising_strength=0.6,
+    )
     img = Image.open(res["images"][0]["path"])
     assert img.size == (96, 96)
     info = parse_infotext(res["images"][0]["infotext"])
@@ -216,8 +251,14 @@ def test_controlnet_with_canny_preprocessing(studio, source):
     ImageDraw.Draw(img).ellipse((10, 10, 54, 54), outline="white", width=3)
     img.save(ctrl)
     plain = run(studio, seed=71, steps=2)
-    cn = run(studio, seed=71, steps=2, controlnet="tiny-canny", control_image=str(ctrl),
-             control_preprocessor="canny")  # fmt: skip
+    cn = run(
+        studio,
+        seed=71,
+        steps=2,
+        controlnet="tiny-canny",
+        control_image=str(ctrl),
+        control_preprocessor="canny",
+    )
     assert not np.array_equal(pixels(plain), pixels(cn))
     info = parse_infotext(cn["images"][0]["infotext"])
     assert "Model: tiny-canny" in info["ControlNet 0"]
@@ -227,7 +268,7 @@ def test_controlnet_with_canny_preprocessing(studio, source):
 
 # --- X/Y/Z plot -------------------------------------------------------------------------------------
 def test_xyz_values_parse_like_a1111():
-    from engine.xyz import parse_values
+    from engine.generation.xyz import parse_values
 
     assert parse_values("Steps", "1-5") == [1, 2, 3, 4, 5]
     assert parse_values("Steps", "1-10 (+3)") == [1, 4, 7, 10]
@@ -240,10 +281,17 @@ def test_xyz_values_parse_like_a1111():
 
 
 def test_xyz_grid_cells_equal_single_renders(studio):
-    base = {"prompt": "a red fox, portrait", "negative_prompt": "blurry", "width": 64, "height": 64,
-            "seed": 5, "sampler": "Euler"}  # fmt: skip
-    job_id, _ = studio.submit_xyz(base, {"x_type": "Steps", "x_values": "2, 3",
-                                         "y_type": "Prompt S/R", "y_values": "fox, cat"})  # fmt: skip
+    base = {
+        "prompt": "a red fox, portrait",
+        "negative_prompt": "blurry",
+        "width": 64,
+        "height": 64,
+        "seed": 5,
+        "sampler": "Euler",
+    }
+    job_id, _ = studio.submit_xyz(
+        base, {"x_type": "Steps", "x_values": "2, 3", "y_type": "Prompt S/R", "y_values": "fox, cat"}
+    )
     last = list(studio.watch(job_id))[-1]
     assert last["type"] == "done", last
     (grid,) = last["result"]["grids"]
@@ -255,23 +303,42 @@ def test_xyz_grid_cells_equal_single_renders(studio):
     with pytest.raises(InputError, match="Prompt S/R"):
         studio.build_xyz_request(base, {"x_type": "Prompt S/R", "x_values": "dog, cat"})
     with pytest.raises(InputError, match="cells; at most"):
-        studio.build_xyz_request(base, {"x_type": "Seed", "x_values": "1-20", "y_type": "Steps", "y_values": "1-6"})
+        studio.build_xyz_request(
+            base, {"x_type": "Seed", "x_values": "1-20", "y_type": "Steps", "y_values": "1-6"}
+        )
 
 
 # --- SDXL and the refiner switch-over ---------------------------------------------------------------
 def test_sdxl_with_refiner_switch_over(studio):
     base = run(studio, model="tiny-sdxl", seed=81, steps=4, sampler="Euler", prompt="a (fox:1.3), portrait")
-    refined = run(studio, model="tiny-sdxl", seed=81, steps=4, sampler="Euler", prompt="a (fox:1.3), portrait",
-                  refiner="tiny-sdxl-refiner", refiner_switch_at=0.5)  # fmt: skip
+    refined = run(
+        studio,
+        model="tiny-sdxl",
+        seed=81,
+        steps=4,
+        sampler="Euler",
+        prompt="a (fox:1.3), portrait",
+        refiner="tiny-sdxl-refiner",
+        refiner_switch_at=0.5,
+    )
     assert Image.open(refined["images"][0]["path"]).size == (64, 64)
     assert not np.array_equal(pixels(base), pixels(refined))
     info = parse_infotext(refined["images"][0]["infotext"])
     assert info["Refiner"].startswith("tiny-sdxl-refiner [") and info["Refiner switch at"] == "0.5"
-    job_id, _ = studio.submit_generate({"prompt": "x", "steps": 2, "width": 64, "height": 64,
-                                        "refiner": "tiny-sdxl-refiner"})  # fmt: skip
+    job_id, _ = studio.submit_generate(
+        {"prompt": "x", "steps": 2, "width": 64, "height": 64, "refiner": "tiny-sdxl-refiner"}
+    )
     last = list(studio.watch(job_id))[-1]
     assert last["type"] == "failed" and "needs an SDXL base model" in last["error"]
-    job_id, _ = studio.submit_generate({"prompt": "x", "steps": 2, "width": 64, "height": 64, "model": "tiny-sdxl",
-                                        "refiner": "studionova-demo"})  # fmt: skip
+    job_id, _ = studio.submit_generate(
+        {
+            "prompt": "x",
+            "steps": 2,
+            "width": 64,
+            "height": 64,
+            "model": "tiny-sdxl",
+            "refiner": "studionova-demo",
+        }
+    )
     last = list(studio.watch(job_id))[-1]
     assert last["type"] == "failed" and "is not an SDXL refiner" in last["error"]

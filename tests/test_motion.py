@@ -37,8 +37,15 @@ def centroid(frame: np.ndarray) -> tuple[float, float, float]:
 
 
 def test_pan_is_monotonic_and_smooth(tmp_path):
-    spec = MotionSpec(dot_image(tmp_path / "dot.png"), moves=("pan_right",), strength=0.5, duration=2.0, fps=15,
-                      size=(320, 180), ease=False)  # fmt: skip
+    spec = MotionSpec(
+        dot_image(tmp_path / "dot.png"),
+        moves=("pan_right",),
+        strength=0.5,
+        duration=2.0,
+        fps=15,
+        size=(320, 180),
+        ease=False,
+    )
     info = render_motion(spec, tmp_path / "pan.mp4")
     assert (info.width, info.height) == (320, 180) and abs(info.duration - 2.0) < 0.1
     xs = np.array([centroid(f)[0] for f in decoded(info.path)])
@@ -48,8 +55,9 @@ def test_pan_is_monotonic_and_smooth(tmp_path):
 
 
 def test_zoom_in_grows_steadily_with_easing(tmp_path):
-    spec = MotionSpec(dot_image(tmp_path / "dot.png"), moves="zoom_in", strength=0.6, duration=1.5, fps=20,
-                      size=(320, 180))  # fmt: skip
+    spec = MotionSpec(
+        dot_image(tmp_path / "dot.png"), moves="zoom_in", strength=0.6, duration=1.5, fps=20, size=(320, 180)
+    )
     frames = decoded(render_motion(spec, tmp_path / "zoom.mp4").path)
     widths = np.array([centroid(f)[2] for f in frames])
     assert widths[-1] > widths[0] * 1.4 and (np.diff(widths) >= -1).all()
@@ -60,8 +68,14 @@ def test_zoom_in_grows_steadily_with_easing(tmp_path):
 
 
 def test_combined_moves_and_bad_specs(tmp_path):
-    spec = MotionSpec(dot_image(tmp_path / "d.png"), moves="zoom_out+pan_up", strength=0.3, duration=1, fps=10,
-                      size=(160, 90))  # fmt: skip
+    spec = MotionSpec(
+        dot_image(tmp_path / "d.png"),
+        moves="zoom_out+pan_up",
+        strength=0.3,
+        duration=1,
+        fps=10,
+        size=(160, 90),
+    )
     boxes = camera_boxes(spec, (640, 360), 10)
     assert boxes[0][1] > boxes[-1][1]  # moving up
     assert all(
@@ -82,10 +96,14 @@ def test_combined_moves_and_bad_specs(tmp_path):
 def test_concat_with_audio_and_burned_subtitles(tmp_path):
     from engine.media.ffmpeg import run_ffmpeg
 
-    a = render_motion(MotionSpec(dot_image(tmp_path / "a.png"), moves="pan_left", duration=1.0, fps=10,
-                                 size=(320, 180)), tmp_path / "a.mp4")  # fmt: skip
-    b = render_motion(MotionSpec(dot_image(tmp_path / "b.png"), moves="static", duration=1.5, fps=10,
-                                 size=(320, 180)), tmp_path / "b.mp4")  # fmt: skip
+    a = render_motion(
+        MotionSpec(dot_image(tmp_path / "a.png"), moves="pan_left", duration=1.0, fps=10, size=(320, 180)),
+        tmp_path / "a.mp4",
+    )
+    b = render_motion(
+        MotionSpec(dot_image(tmp_path / "b.png"), moves="static", duration=1.5, fps=10, size=(320, 180)),
+        tmp_path / "b.mp4",
+    )
     tone = tmp_path / "tone.wav"
     run_ffmpeg(["-f", "lavfi", "-i", "sine=frequency=500:duration=1", "-y", f"file:{tone}"], timeout=60)
     srt = tmp_path / "it's: [x],y.srt"  # a hostile name: the filter only ever sees our copy

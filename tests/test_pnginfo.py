@@ -1,4 +1,4 @@
-"""engine.pnginfo: metadata read from and written to PNG/JPEG/WebP, as A1111, ComfyUI and StudioNOVA do it."""
+"""engine.gallery.pnginfo: metadata read from and written to PNG/JPEG/WebP, as A1111, ComfyUI and StudioNOVA do it."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from PIL import ExifTags, Image
 
-from engine import pnginfo
 from engine.errors import InputError
-from engine.infotext import parse_infotext
-from engine.pnginfo import (
+from engine.gallery import pnginfo
+from engine.gallery.infotext import parse_infotext
+from engine.gallery.pnginfo import (
     COMFY_SAMPLERS,
     RECIPE_CHUNK,
     a1111_to_comfy,
@@ -55,20 +55,40 @@ def small_image(mode: str = "RGB") -> Image.Image:
 
 
 def make_recipe() -> dict:
-    """A recipe shaped as engine.generate.save_generated writes it."""
-    from engine.requests import GenerateRequest
+    """A recipe shaped as engine.generation.generate.save_generated writes it."""
+    from engine.generation.request import GenerateRequest
 
     req = GenerateRequest.build(
-        prompt="a red fox in snow, (detailed fur:1.1)", negative_prompt="blurry", seed=1000, steps=12, cfg_scale=6.0, sampler="DPM++ 2M Karras",
-        width=64, height=64, batch_size=2, clip_skip=2, loras="kohya_style:0.7", model="demo",
-    )  # fmt: skip
+        prompt="a red fox in snow, (detailed fur:1.1)",
+        negative_prompt="blurry",
+        seed=1000,
+        steps=12,
+        cfg_scale=6.0,
+        sampler="DPM++ 2M Karras",
+        width=64,
+        height=64,
+        batch_size=2,
+        clip_skip=2,
+        loras="kohya_style:0.7",
+        model="demo",
+    )
     return {
-        "app": "StudioNOVA", "version": "0.1.0", "job_id": "0123456789abcdef0123456789abcdef", "mode": req.mode,
+        "app": "StudioNOVA",
+        "version": "0.1.0",
+        "job_id": "0123456789abcdef0123456789abcdef",
+        "mode": req.mode,
         "request": req.model_dump(mode="json", exclude={"init_image", "mask_image", "control_image"}),
-        "seed": 1001, "index": 1, "model": "demo", "model_label": "Demo model", "model_hash": "abcdef0123",
-        "loras": [{"name": "kohya_style", "weight": 0.7, "hash": "0123456789ab"}], "embeddings": {},
-        "vae": None, "device": "cpu", "dtype": "float32",
-    }  # fmt: skip
+        "seed": 1001,
+        "index": 1,
+        "model": "demo",
+        "model_label": "Demo model",
+        "model_hash": "abcdef0123",
+        "loras": [{"name": "kohya_style", "weight": 0.7, "hash": "0123456789ab"}],
+        "embeddings": {},
+        "vae": None,
+        "device": "cpu",
+        "dtype": "float32",
+    }
 
 
 # ---------------------------------------------------------------------------------------- A1111 infotext
@@ -136,9 +156,12 @@ def test_jpeg_exif_is_piexifs_layout(tmp_path):
     assert value == b"UNICODE\0" + text.encode("utf-16-be") and count == len(value)
     # piexif.dump's exact bytes: the Exif IFD has no next-IFD offset, so the comment starts at 26 + 2 + 12.
     expected = (
-        b"Exif\0\0MM\x00\x2a\x00\x00\x00\x08" + struct.pack(">HHHII", 1, 0x8769, 4, 1, 26) + bytes(4)
-        + struct.pack(">HHHII", 1, 0x9286, 7, len(value), 40) + value
-    )  # fmt: skip
+        b"Exif\0\0MM\x00\x2a\x00\x00\x00\x08"
+        + struct.pack(">HHHII", 1, 0x8769, 4, 1, 26)
+        + bytes(4)
+        + struct.pack(">HHHII", 1, 0x9286, 7, len(value), 40)
+        + value
+    )
     assert exif == expected
 
 
@@ -210,7 +233,7 @@ def test_a1111_sample_maps_to_request_fields():
 
 
 def test_params_build_a_generate_request():
-    from engine.requests import GenerateRequest
+    from engine.generation.request import GenerateRequest
 
     params, _ = params_from_infotext(SHORT_INFOTEXT)
     fields = {k: v for k, v in params.items() if k in GenerateRequest.model_fields}
@@ -310,8 +333,11 @@ def comfy_png(tmp_path: Path, graph: dict) -> Path:
     from engine.artifacts import save_png
 
     workflow = {"last_node_id": 20, "nodes": [], "links": [], "version": 0.4}
-    return save_png(small_image(), tmp_path / "ComfyUI_00001_.png",
-                    {"prompt": json.dumps(graph), "workflow": json.dumps(workflow)})  # fmt: skip
+    return save_png(
+        small_image(),
+        tmp_path / "ComfyUI_00001_.png",
+        {"prompt": json.dumps(graph), "workflow": json.dumps(workflow)},
+    )
 
 
 def test_comfy_graph_in_png_maps_to_params(tmp_path):
@@ -414,14 +440,27 @@ def test_comfy_img2img_and_advanced_sampler():
         "3": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
         "4": {"class_type": "LoadImage", "inputs": {"image": "photo.png"}},
         "5": {"class_type": "VAEEncode", "inputs": {"pixels": ["4", 0], "vae": ["1", 2]}},
-        "6": {"class_type": "KSamplerAdvanced", "inputs": {
-            "model": ["1", 0], "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["5", 0],
-            "add_noise": "enable", "noise_seed": 2**40, "steps": 30, "cfg": 7, "sampler_name": "res_multistep",
-            "scheduler": "linear_quadratic", "start_at_step": 0, "end_at_step": 10000,
-            "return_with_leftover_noise": "disable"}},
+        "6": {
+            "class_type": "KSamplerAdvanced",
+            "inputs": {
+                "model": ["1", 0],
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["5", 0],
+                "add_noise": "enable",
+                "noise_seed": 2**40,
+                "steps": 30,
+                "cfg": 7,
+                "sampler_name": "res_multistep",
+                "scheduler": "linear_quadratic",
+                "start_at_step": 0,
+                "end_at_step": 10000,
+                "return_with_leftover_noise": "disable",
+            },
+        },
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["1", 2]}},
         "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
-    }  # fmt: skip
+    }
     params, unmapped = params_from_comfy_graph(graph)
     assert (params["mode"], params["seed"], params["model"]) == ("img2img", 2**40, "dreamshaper_8")
     assert "sampler" not in params and params["a1111_sampler"] == "res_multistep"
@@ -435,7 +474,7 @@ def test_comfy_img2img_and_advanced_sampler():
 
 @pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
 def test_studionova_recipe_round_trips(tmp_path, fmt):
-    from engine.requests import GenerateRequest
+    from engine.generation.request import GenerateRequest
 
     recipe = make_recipe()
     path = save_image(small_image(), tmp_path / f"gen{SUFFIX[fmt]}", SHORT_INFOTEXT, recipe, fmt).path
@@ -469,8 +508,11 @@ def test_recipe_without_infotext_gets_one_rebuilt(tmp_path):
     assert meta.source == "studionova" and "parameters" not in meta.raw
     parsed = parse_infotext(meta.infotext)
     assert (parsed["Sampler"], parsed["Schedule type"], parsed["Seed"], parsed["Clip skip"]) == (
-        "DPM++ 2M", "Karras", "1001", "2"
-    )  # fmt: skip
+        "DPM++ 2M",
+        "Karras",
+        "1001",
+        "2",
+    )
     assert parsed["Lora hashes"] == "kohya_style: 0123456789ab" and parsed["Version"] == "StudioNOVA 0.1.0"
     assert "Denoising strength" not in parsed and "Mask blur" not in parsed and "Hires upscale" not in parsed
 

@@ -16,8 +16,19 @@ def test_every_flag_has_help_and_env(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--host", "--port", "--data-dir", "--models-dir", "--database-url", "--device", "--dtype", "--auth",
-                 "--max-upload-mb", "--insecure", "--demo"):  # fmt: skip
+    for flag in (
+        "--host",
+        "--port",
+        "--data-dir",
+        "--models-dir",
+        "--database-url",
+        "--device",
+        "--dtype",
+        "--auth",
+        "--max-upload-mb",
+        "--insecure",
+        "--demo",
+    ):
         assert flag in out
         assert "STUDIONOVA_" + flag[2:].replace("-", "_").upper() in out
 
@@ -67,7 +78,7 @@ def test_private_files_are_blocked_from_gradio(tmp_path):
 
 def test_ui_and_facade_do_not_import_torch_or_gradio_leaks_into_engine():
     code = (
-        "import sys, app, ui.generate_tab, ui.jobs_tab, engine.studio, engine.jobs;"
+        "import sys, app, ui.generate_tab, ui.jobs_tab, engine.studio, engine.jobs.service;"
         "bad=[m for m in ('torch','diffusers','transformers') if m in sys.modules];"
         "print('LEAK', bad) if bad else print('OK')"
     )

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from engine.characters.sheets import SHEET_EXPRESSIONS, SHEET_VIEWS, compose_sheet
 from engine.errors import InputError
-from engine.sheets import SHEET_EXPRESSIONS, SHEET_VIEWS, compose_sheet
 
 WHITE = (255, 255, 255)
 

@@ -10,8 +10,8 @@ import pytest
 from sqlalchemy import text
 
 from engine.artifacts import TMP_PREFIX, atomic_write, folder_hash, lora_short_hash, safetensors_header
-from engine.infotext import build_infotext, parse_infotext
-from engine.store import Database, Job
+from engine.gallery.infotext import build_infotext, parse_infotext
+from engine.store.database import Database, Job
 
 
 def hammer(db: Database, seconds: float, writers: int = 8) -> list[Exception]:
@@ -112,8 +112,16 @@ def test_folder_hash_depends_on_every_file():
 
 
 def test_infotext_quotes_and_round_trips():
-    params = {"Steps": 20, "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7", "Seed": 1,
-              "Size": "512x768", "Model": "my, model: v2", "Lora hashes": "a: 0123456789ab, b: ba9876543210"}  # fmt: skip
+    params = {
+        "Steps": 20,
+        "Sampler": "DPM++ 2M",
+        "Schedule type": "Karras",
+        "CFG scale": "7",
+        "Seed": 1,
+        "Size": "512x768",
+        "Model": "my, model: v2",
+        "Lora hashes": "a: 0123456789ab, b: ba9876543210",
+    }
     text_ = build_infotext("line one\nline two", "bad hands", params, "StudioNOVA 0.1.0")
     lines = text_.split("\n")
     assert lines[2] == "Negative prompt: bad hands" and lines[-1].startswith("Steps: 20, Sampler: DPM++ 2M,")

@@ -14,8 +14,15 @@ from tests.test_characters import FAST, wait
 from tests.test_datasets import ingest, new_character, upload_dir
 from tests.test_ingest import make_image
 
-TINY = {"preset": "quick", "max_train_steps": 4, "resolution": 64, "rank": 4, "alpha": 2.0, "checkpoint_every": 2,
-        "learning_rate": 1e-3}  # fmt: skip
+TINY = {
+    "preset": "quick",
+    "max_train_steps": 4,
+    "resolution": 64,
+    "rank": 4,
+    "alpha": 2.0,
+    "checkpoint_every": 2,
+    "learning_rate": 1e-3,
+}
 
 
 @pytest.fixture
@@ -37,17 +44,21 @@ def approved_character(studio, name: str, n: int = 2):
 
 def test_train_job_exports_a_kohya_lora_as_the_next_version(studio, models_dir, low_minimum):
     from engine.artifacts import safetensors_header
-    from engine.pipelines import lora_format
+    from engine.model_manager.pipelines import lora_format
 
     c = approved_character(studio, "Trainee")
     jid, _ = studio.submit_train_lora({"character": c.slug, **TINY})
     res = wait(studio, jid)
-    assert res["lora"] == "trainee-v1" and res["version"] == 1 and res["steps"] == 4 and len(res["losses"]) == 4
+    assert (
+        res["lora"] == "trainee-v1" and res["version"] == 1 and res["steps"] == 4 and len(res["losses"]) == 4
+    )
     path = models_dir / "loras" / "trainee-v1.safetensors"
     assert lora_format(path) == "kohya"
     _, header = safetensors_header(path)
     meta = header["__metadata__"]
-    assert meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 2.0 and meta["sshs_model_hash"]
+    assert (
+        meta["ss_network_dim"] == "4" and float(meta["ss_network_alpha"]) == 2.0 and meta["sshs_model_hash"]
+    )
     assert all(k.startswith("lora_unet_") for k in header if k != "__metadata__")
     view = studio.character_view(c.slug)
     assert view["loras"][0]["name"] == "trainee-v1" and view["loras"][0]["source"] == "trained"
@@ -56,8 +67,12 @@ def test_train_job_exports_a_kohya_lora_as_the_next_version(studio, models_dir, 
     img = wait(studio, studio.submit_generate({"prompt": "x", "seed": 1, "character": c.slug, **FAST})[0])
     assert f"trainee-v1: {res['short_hash']}" in img["images"][0]["infotext"]
     # a second training, with the text encoder trained too, is version 2 and has lora_te_ keys
-    res2 = wait(studio, studio.submit_train_lora({"character": c.slug, **TINY, "max_train_steps": 2,
-                                                  "train_text_encoder": True})[0])  # fmt: skip
+    res2 = wait(
+        studio,
+        studio.submit_train_lora(
+            {"character": c.slug, **TINY, "max_train_steps": 2, "train_text_encoder": True}
+        )[0],
+    )
     assert res2["lora"] == "trainee-v2"
     _, header2 = safetensors_header(models_dir / "loras" / "trainee-v2.safetensors")
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in header2)
@@ -88,7 +103,9 @@ def test_train_bad_input_is_refused_before_a_job(studio, low_minimum):
     with pytest.raises(InputError, match="given twice"):
         studio.submit_train_lora({"character": c.slug, **TINY, "concepts": f"{c.slug}:2"})
     with pytest.raises(InputError, match="repeats"):
-        studio.submit_train_lora({"character": c.slug, **TINY, "concepts": [{"character": c.slug, "repeats": 0}]})
+        studio.submit_train_lora(
+            {"character": c.slug, **TINY, "concepts": [{"character": c.slug, "repeats": 0}]}
+        )
     with pytest.raises(InputError, match="reg_dir is empty"):
         studio.submit_train_lora({"character": c.slug, **TINY, "reg_caption": "woman"})
     with pytest.raises(InputError, match="512"):
@@ -110,8 +127,15 @@ def test_concepts_regularisation_epochs_and_a_single_file_base(studio, models_di
     make_image(reg / "r0.png", size=(64, 64), seed=900)
     make_image(reg / "r1.png", size=(64, 64), seed=901)
     (reg / "r1.txt").write_text("a woman, studio photo", encoding="utf-8")
-    values = {**TINY, "character": main.slug, "concepts": f"{other.slug}:2", "reg_dir": str(reg.parent),
-              "reg_caption": "woman", "max_train_epochs": 1, "model": "demo-single.safetensors"}  # fmt: skip
+    values = {
+        **TINY,
+        "character": main.slug,
+        "concepts": f"{other.slug}:2",
+        "reg_dir": str(reg.parent),
+        "reg_caption": "woman",
+        "max_train_epochs": 1,
+        "model": "demo-single.safetensors",
+    }
     values.pop("max_train_steps")
     jid, _ = studio.submit_train_lora(values)
     res = wait(studio, jid)
@@ -142,11 +166,23 @@ def test_kill9_mid_training_then_restart_resumes(models_dir, model_configs, tmp_
     try:
         client = Client(app.url, verbose=False)
         c = client.predict(name="Crashy", trigger_word="crashy", api_name="/save_character")
-        files = [handle_file(str(make_image(tmp_path / f"{i}.png", size=(64, 64), seed=400 + i))) for i in range(2)]
+        files = [
+            handle_file(str(make_image(tmp_path / f"{i}.png", size=(64, 64), seed=400 + i))) for i in range(2)
+        ]
         added = client.predict(character=c["slug"], files=files, api_name="/ingest")["added"]
-        client.predict(character=c["slug"], item_ids=[a["id"] for a in added], action="approve", api_name="/review")
-        job = client.predict(character=c["slug"], preset="quick", max_train_steps=24, resolution=64, rank=4,
-                             alpha=2, checkpoint_every=4, api_name="/train_lora")  # fmt: skip
+        client.predict(
+            character=c["slug"], item_ids=[a["id"] for a in added], action="approve", api_name="/review"
+        )
+        job = client.predict(
+            character=c["slug"],
+            preset="quick",
+            max_train_steps=24,
+            resolution=64,
+            rank=4,
+            alpha=2,
+            checkpoint_every=4,
+            api_name="/train_lora",
+        )
         jid = job["job_id"]
         deadline = time.monotonic() + 240
         while True:
@@ -177,7 +213,9 @@ def test_kill9_mid_training_then_restart_resumes(models_dir, model_configs, tmp_
 
 def test_training_streams_samples_the_ui_can_show(studio, low_minimum):
     c = approved_character(studio, "Sampler Sue")
-    jid, _ = studio.submit_train_lora({"character": c.slug, **TINY, "sample_every": 2, "sample_prompts": ["sue"]})
+    jid, _ = studio.submit_train_lora(
+        {"character": c.slug, **TINY, "sample_every": 2, "sample_prompts": ["sue"]}
+    )
     samples = []
     for event in studio.watch(jid):
         if event["type"] == "sample":
@@ -185,4 +223,6 @@ def test_training_streams_samples_the_ui_can_show(studio, low_minimum):
         if event["type"] in ("done", "failed", "cancelled", "interrupted"):
             assert event["type"] == "done", event
             break
-    assert samples and all(Path(p).is_relative_to(studio.settings.outputs_dir) and Path(p).is_file() for p in samples)
+    assert samples and all(
+        Path(p).is_relative_to(studio.settings.outputs_dir) and Path(p).is_file() for p in samples
+    )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InputError, JobCancelledError
-from engine.training import (
+from engine.training.trainer import (
     PRESETS,
     DataPlan,
     TrainLoraRequest,
@@ -28,7 +28,7 @@ from engine.training import (
 
 @pytest.fixture(scope="module")
 def demo_model(tmp_path_factory) -> Path:
-    from engine.demo_model import ensure_demo_model
+    from engine.model_manager.demo_model import ensure_demo_model
     from engine.paths import ModelRoots
 
     root = tmp_path_factory.mktemp("train-models")
@@ -198,7 +198,7 @@ def test_options_run_end_to_end(demo_model, images, tmp_path):
 def test_resume_from_a_kohya_lora_rescales_alpha(demo_model, images, tmp_path):
     import torch
 
-    from engine.training import add_lora_adapters, load_parts, load_resume_from
+    from engine.training.trainer import add_lora_adapters, load_parts, load_resume_from
     from tests.factories import make_lora_state, save_kohya_lora
 
     path = save_kohya_lora(tmp_path / "k.safetensors", demo_model, seed=3, rank=4, alpha=2.0)
@@ -207,7 +207,7 @@ def test_resume_from_a_kohya_lora_rescales_alpha(demo_model, images, tmp_path):
     trained = add_lora_adapters(req, parts)
     assert load_resume_from(req, parts, trained) == ["unet", "text_encoder"]
     original, _ = make_lora_state(demo_model, rank=4, alpha=2.0, seed=3)
-    from engine.training import lora_state
+    from engine.training.trainer import lora_state
 
     ours = lora_state(parts.unet)
     key = next(k for k in original if k.endswith("attn1.to_q.lora_B.weight"))
@@ -229,7 +229,7 @@ def test_resume_from_our_own_output_continues_it(demo_model, images, tmp_path):
         lambda: False,
     )
     req = request(demo_model, images, max_train_steps=2, resume_from=first["peft_state"])
-    from engine.training import add_lora_adapters, load_parts, load_resume_from, lora_state
+    from engine.training.trainer import add_lora_adapters, load_parts, load_resume_from, lora_state
 
     parts = load_parts(req)
     load_resume_from(req, parts, add_lora_adapters(req, parts))
@@ -240,7 +240,7 @@ def test_resume_from_our_own_output_continues_it(demo_model, images, tmp_path):
 
 
 def test_sdxl_trains_both_text_encoders_in_bf16(tmp_path, images, monkeypatch):
-    from engine import training
+    from engine.training import trainer as training
     from tests.factories import build_tiny_sdxl
 
     build_tiny_sdxl().save_pretrained(tmp_path / "tiny-sdxl")
@@ -359,7 +359,7 @@ def test_concepts_repeats_and_regularisation_images_in_an_epoch(images, demo_mod
     many as the repeated training images (kohya), and their loss is weighted by prior_loss_weight."""
     import torch
 
-    from engine.training import diffusion_loss, load_parts, steps_for_epochs
+    from engine.training.trainer import diffusion_loss, load_parts, steps_for_epochs
 
     concept = [{**images[0], "repeats": 3}, {**images[1], "repeats": 1}]
     reg = [{**images[2], "caption": "person", "reg": True}]
@@ -374,7 +374,9 @@ def test_concepts_repeats_and_regularisation_images_in_an_epoch(images, demo_mod
     epochs = req.model_copy(update={"max_train_epochs": 2, "gradient_accumulation_steps": 2})
     assert steps_for_epochs(epochs) == 8
     with pytest.raises(InputError, match="repeats=0"):
-        TrainLoraRequest.build(model="m", images=[{**images[0], "repeats": 0}], output_name="x", resolution=64)
+        TrainLoraRequest.build(
+            model="m", images=[{**images[0], "repeats": 0}], output_name="x", resolution=64
+        )
     with pytest.raises(InputError, match="regularisation"):
         TrainLoraRequest.build(model="m", images=reg, output_name="x", resolution=64)
     # the weighted loss: a batch of two identical samples weighted (1, w) is (1 + w) / 2 times the plain loss
@@ -383,7 +385,11 @@ def test_concepts_repeats_and_regularisation_images_in_an_epoch(images, demo_mod
     embeds = torch.randn(1, 77, parts.text_encoders[0].config.hidden_size).repeat(2, 1, 1)
 
     def loss(weights):
-        return float(diffusion_loss(parts, req, latents, embeds, None, torch.Generator().manual_seed(3), weights=weights))
+        return float(
+            diffusion_loss(
+                parts, req, latents, embeds, None, torch.Generator().manual_seed(3), weights=weights
+            )
+        )
 
     with torch.no_grad():
         plain, weighted = loss(None), loss([1.0, 0.5])
@@ -397,8 +403,8 @@ def test_concepts_repeats_and_regularisation_images_in_an_epoch(images, demo_mod
 def test_out_of_memory_says_what_to_lower(demo_model, images, tmp_path, monkeypatch):
     import torch
 
-    from engine import training
     from engine.errors import OutOfMemoryError
+    from engine.training import trainer as training
 
     def out_of_memory(self, step):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")

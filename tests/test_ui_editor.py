@@ -35,7 +35,7 @@ def test_train_form_fields_follow_the_endpoint_parameters():
     form with the values the API would use when a field is left out."""
     import inspect
 
-    from engine.training import PRESETS
+    from engine.training.trainer import PRESETS
     from ui import train_tab
 
     source = inspect.getsource(train_tab.build)
@@ -48,7 +48,10 @@ def test_train_form_fields_follow_the_endpoint_parameters():
     names = [a.arg for a in fn.args.args]
     assert names[3:-2] == train_tab.FORM_FIELDS and names[-2:] == ["backend", "request"]
     quick = train_tab.preset_values("quick")
-    assert quick["rank"] == PRESETS["quick"]["rank"] and quick["max_train_steps"] == PRESETS["quick"]["max_train_steps"]
+    assert (
+        quick["rank"] == PRESETS["quick"]["rank"]
+        and quick["max_train_steps"] == PRESETS["quick"]["max_train_steps"]
+    )
     quality = train_tab.preset_values("quality")
     assert quality["train_text_encoder"] is True and quality["gradient_checkpointing"] is True
     assert quick["train_text_encoder"] is False and quick["resolution"] == 0

@@ -1,4 +1,4 @@
-"""engine.upscale: spandrel models (ESRGAN/RRDBNet, SRVGGNetCompact) built here with random weights, tiling
+"""engine.upscale.upscalers: spandrel models (ESRGAN/RRDBNet, SRVGGNetCompact) built here with random weights, tiling
 exactness and seams, out-of-memory retries, modes and alpha, sizes, the SD x4 upscaler and video."""
 
 from __future__ import annotations
@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import modes, upscale
 from engine.artifacts import TMP_PREFIX
 from engine.device import DevicePlan, resolve_device
 from engine.errors import InputError, JobCancelledError, NotFoundError, OutOfMemoryError
+from engine.generation import modes
 from engine.media.ffmpeg import probe
+from engine.upscale import upscalers as upscale
 from tests.upscale_factories import (
     TINY_RECEPTIVE_RADIUS,
     build_sd_x4,
@@ -199,8 +200,14 @@ def test_progress_and_cancel_between_tiles(models, cache):
     assert seen == [(i, 6) for i in range(1, 7)]  # 3 x 2 cells
     calls = []
     with pytest.raises(JobCancelledError):
-        upscale.tile_upscale(model, _tensor(50, 30), tile=20, overlap=4,
-                             progress=lambda d, t: calls.append(d), cancelled=lambda: len(calls) >= 2)  # fmt: skip
+        upscale.tile_upscale(
+            model,
+            _tensor(50, 30),
+            tile=20,
+            overlap=4,
+            progress=lambda d, t: calls.append(d),
+            cancelled=lambda: len(calls) >= 2,
+        )
     assert calls == [1, 2]
 
 
@@ -371,7 +378,7 @@ def test_too_large_input_is_refused(models, cache):
 
 
 def test_hires_fix_upscale_goes_through_this_module(models):
-    """engine.modes.upscale_image (hires fix) keeps its signature and its refusal wording."""
+    """engine.generation.modes.upscale_image (hires fix) keeps its signature and its refusal wording."""
     image = _noise(32, 24)
     out = modes.upscale_image(image, 48, 36, models["compact_tiny"], "cpu")
     ours = upscale.upscale_image(image, models["compact_tiny"], target=(48, 36), plan=resolve_device("cpu"))
@@ -393,8 +400,15 @@ def sd_x4(tmp_path_factory):
 def test_sd_x4_untiled_and_tiled(sd_x4):
     image = _noise(32, 32)
     steps: list[int] = []
-    whole = upscale.sd_x4_upscale(sd_x4, image, prompt="a cat", steps=2, tile=0, seed=1,
-                                  callback_on_step_end=lambda pipe, i, t, kw: steps.append(i))  # fmt: skip
+    whole = upscale.sd_x4_upscale(
+        sd_x4,
+        image,
+        prompt="a cat",
+        steps=2,
+        tile=0,
+        seed=1,
+        callback_on_step_end=lambda pipe, i, t, kw: steps.append(i),
+    )
     assert (whole.size, whole.mode) == ((128, 128), "RGB") and steps == [0, 1]
     again = upscale.sd_x4_upscale(sd_x4, image, prompt="a cat", steps=2, tile=0, seed=1)
     assert np.array_equal(np.asarray(whole), np.asarray(again))  # seeded
@@ -439,10 +453,11 @@ def test_video_upscale_keeps_frames_fps_and_audio(models, cache, tmp_path):
     src = make_test_video(tmp_path / "clip.mp4", seconds=1, fps=8, size=(64, 48), audio=True)
     seen: list[tuple[int, int]] = []
     out = upscale.upscale_video(
-        src, tmp_path / "out" / "clip-x2.mp4",
+        src,
+        tmp_path / "out" / "clip-x2.mp4",
         lambda frame: upscale.upscale_image(frame, models["receptive"], scale=2.0, cache=cache),
         progress=lambda d, t: seen.append((d, t)),
-    )  # fmt: skip
+    )
     source = probe(src)
     assert (out.width, out.height) == (128, 96) and out.path == tmp_path / "out" / "clip-x2.mp4"
     assert out.fps == source.fps == 8 and out.has_audio and out.audio_codec == "aac"

@@ -10,7 +10,7 @@ from PIL import Image
 
 from engine.errors import InputError, StudioError
 from engine.media.ffmpeg import probe
-from engine.video import read_metadata
+from engine.video.generate import read_metadata
 
 
 def _upload(studio, name: str, size=(64, 48)):
@@ -22,30 +22,45 @@ def _upload(studio, name: str, size=(64, 48)):
 
 def test_the_configured_pixel_limit_refuses_a_large_upscale(studio, monkeypatch):
     monkeypatch.setattr(studio.settings, "max_upscale_pixels", 100 * 100)
-    job_id, _ = studio.submit_upscale({"images": [_upload(studio, "big.png")], "upscaler": "tiny-compact-x4",
-                                       "scale": 2})  # fmt: skip
+    job_id, _ = studio.submit_upscale(
+        {"images": [_upload(studio, "big.png")], "upscaler": "tiny-compact-x4", "scale": 2}
+    )
     with pytest.raises(StudioError, match=r"64x48 -> 128x96 px is larger than max_pixels=10000"):
         studio.run_and_wait(job_id)
     assert not list(studio.settings.outputs_dir.rglob(f"{job_id[:12]}-*"))  # nothing half-written
 
 
 def test_camera_clip_on_a_generated_first_frame_then_upscaled_from_the_gallery(studio):
-    job_id, _ = studio.submit_video({"mode": "camera", "first_frame_prompt": "a lighthouse at dusk", "width": 64,
-                                     "height": 64, "duration": 1.0, "fps": 8, "camera_moves": "pan_left",
-                                     "seed": 21})  # fmt: skip
+    job_id, _ = studio.submit_video(
+        {
+            "mode": "camera",
+            "first_frame_prompt": "a lighthouse at dusk",
+            "width": 64,
+            "height": 64,
+            "duration": 1.0,
+            "fps": 8,
+            "camera_moves": "pan_left",
+            "seed": 21,
+        }
+    )
     clip = studio.run_and_wait(job_id)
     recipe = json.loads(read_metadata(studio.settings.outputs_dir / clip["file"])["comment"])
     first = studio.generation(recipe["first_frame"]["generated"])
     assert first.prompt == "a lighthouse at dusk" and first.mode == "txt2img" and first.seed == 21
     assert clip["frames"] == 8 and (clip["width"], clip["height"]) == (64, 64)
 
-    up_id, _ = studio.submit_upscale({"generation_ids": clip["generation_id"], "upscaler": "Lanczos", "scale": 2})
+    up_id, _ = studio.submit_upscale(
+        {"generation_ids": clip["generation_id"], "upscaler": "Lanczos", "scale": 2}
+    )
     item = studio.run_and_wait(up_id)["items"][0]
     info = probe(studio.settings.outputs_dir / item["file"])
     assert item["kind"] == "video" and (info.width, info.height) == (128, 128)
     assert round(info.duration * info.fps) == 8
     detail = studio.generation(item["generation_id"])
-    assert detail.mode == "upscale" and detail.recipe["postprocess"][-1]["source_generation"] == clip["generation_id"]
+    assert (
+        detail.mode == "upscale"
+        and detail.recipe["postprocess"][-1]["source_generation"] == clip["generation_id"]
+    )
 
 
 def test_video_refusals_before_a_job_exists(studio):
@@ -56,15 +71,17 @@ def test_video_refusals_before_a_job_exists(studio):
     with pytest.raises(InputError, match="video model 'nope' not found; available: "):
         studio.submit_video({"mode": "txt2video", "model": "nope", "prompt": "x"})
     with pytest.raises(InputError, match=r"width=70"):
-        studio.submit_video({"mode": "txt2video", "model": "tiny-ltx", "prompt": "x", "width": 70, "height": 64})
+        studio.submit_video(
+            {"mode": "txt2video", "model": "tiny-ltx", "prompt": "x", "width": 70, "height": 64}
+        )
     with pytest.raises(InputError, match="txt2video"):
         studio.submit_video({"mode": "txt2video", "model": "tiny-svd", "prompt": "x"})
 
 
 def test_jpeg_metadata_and_orientation_survive_an_upscale(studio):
-    """A1111 infotext in a JPEG's EXIF UserComment (as engine.pnginfo writes it, piexif's layout) reaches the
+    """A1111 infotext in a JPEG's EXIF UserComment (as engine.gallery.pnginfo writes it, piexif's layout) reaches the
     upscaled PNG's parameters; an EXIF-rotated photo (orientation 6: shown turned 90 degrees) comes out upright."""
-    from engine.pnginfo import save_image
+    from engine.gallery.pnginfo import save_image
 
     root = studio.settings.gradio_tmp_dir / "upscale-jobs"
     root.mkdir(parents=True, exist_ok=True)

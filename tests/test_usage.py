@@ -7,9 +7,9 @@ from datetime import timedelta
 import pytest
 
 from engine.errors import BudgetExceededError, InputError
-from engine.jobs import JobService
+from engine.jobs.service import JobService
 from engine.settings import Settings
-from engine.store import Database, Job, utcnow
+from engine.store.database import Database, Job, utcnow
 
 
 @pytest.fixture
@@ -23,8 +23,16 @@ def db(tmp_path):
 def finished(db, kind: str, gpu_s: float, days_ago: float = 0.0) -> None:
     now = utcnow() - timedelta(days=days_ago)
     with db.session() as s:
-        s.add(Job(kind=kind, status="succeeded", finished_at=now, created_at=now, run_seconds=gpu_s + 1,
-                  gpu_seconds=gpu_s))  # fmt: skip
+        s.add(
+            Job(
+                kind=kind,
+                status="succeeded",
+                finished_at=now,
+                created_at=now,
+                run_seconds=gpu_s + 1,
+                gpu_seconds=gpu_s,
+            )
+        )
         s.commit()
 
 
@@ -34,7 +42,9 @@ def test_daily_gpu_budget_refuses_gpu_jobs_only(db):
     finished(db, "generate", 90)
     jobs.submit("generate", {"prompt": "x"})  # 1.5 of 2 minutes used: still allowed
     finished(db, "generate", 40)
-    with pytest.raises(BudgetExceededError, match=r"daily GPU budget of 2 minutes is used up \(2.2 min today\)"):
+    with pytest.raises(
+        BudgetExceededError, match=r"daily GPU budget of 2 minutes is used up \(2.2 min today\)"
+    ):
         jobs.submit("generate", {"prompt": "x"})
     jobs.submit("variants", {"videos": ["v"]})  # media jobs still run
     assert JobService(db).daily_gpu_minutes == 0  # no budget by default

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from engine.errors import InputError, NotFoundError
-from engine.library import Library
-from engine.store import Database, MediaItem
-from engine.variants import VariantsRequest, plan
+from engine.media.library import Library
+from engine.media.variants import VariantsRequest, plan
+from engine.store.database import Database, MediaItem
 
 
 @pytest.fixture
@@ -22,8 +22,15 @@ def rows(lib: Library, kind: str, names: list[str], collection_id: str | None = 
     ids = []
     with lib.db.session() as s:
         for n in names:
-            item = MediaItem(kind=kind, name=n, path=f"/nowhere/{kind}/{n}", duration=2.0, width=320, height=180,
-                             collection_id=collection_id)  # fmt: skip
+            item = MediaItem(
+                kind=kind,
+                name=n,
+                path=f"/nowhere/{kind}/{n}",
+                duration=2.0,
+                width=320,
+                height=180,
+                collection_id=collection_id,
+            )
             s.add(item)
             s.commit()
             ids.append(item.id)
@@ -31,7 +38,10 @@ def rows(lib: Library, kind: str, names: list[str], collection_id: str | None = 
 
 
 def names(assignments) -> list[tuple]:
-    return [(a.video.name, a.audio.name if a.audio else None, a.hook.text if a.hook else None) for a in assignments]
+    return [
+        (a.video.name, a.audio.name if a.audio else None, a.hook.text if a.hook else None)
+        for a in assignments
+    ]
 
 
 def test_round_robin_cycles_audios_and_hooks_in_order(lib):
@@ -39,8 +49,13 @@ def test_round_robin_cycles_audios_and_hooks_in_order(lib):
     a = rows(lib, "audio", ["a1", "a2"])
     h = [x.id for x in lib.add_hooks("h1\nh2\nh3")]
     got = names(plan(VariantsRequest.build(videos=v, audios=a, hooks=h), lib))
-    assert got == [("v1", "a1", "h1"), ("v2", "a2", "h2"), ("v3", "a1", "h3"), ("v4", "a2", "h1"),
-                   ("v5", "a1", "h2")]  # fmt: skip
+    assert got == [
+        ("v1", "a1", "h1"),
+        ("v2", "a2", "h2"),
+        ("v3", "a1", "h3"),
+        ("v4", "a2", "h1"),
+        ("v5", "a1", "h2"),
+    ]
     two = names(plan(VariantsRequest.build(videos=v[:2], audios=a, hooks=h, per_video=3), lib))
     assert [x[0] for x in two] == ["v1"] * 3 + ["v2"] * 3
     assert [x[1] for x in two] == ["a1", "a2", "a1", "a2", "a1", "a2"]
@@ -51,17 +66,38 @@ def test_random_is_seeded_and_cartesian_counts_and_limits(lib):
     v = rows(lib, "video", ["v1", "v2", "v3"])
     a = rows(lib, "audio", ["a1", "a2", "a3"])
     lib.add_hooks("h1\nh2", category="funny")
-    r1 = names(plan(VariantsRequest.build(videos=v, audios=a, hook_categories=["funny"], mode="random", seed=7,
-                                          per_video=4), lib))  # fmt: skip
-    r2 = names(plan(VariantsRequest.build(videos=v, audios=a, hook_categories="funny", mode="random", seed=7,
-                                          per_video=4), lib))  # fmt: skip
-    r3 = names(plan(VariantsRequest.build(videos=v, audios=a, hook_categories=["funny"], mode="random", seed=8,
-                                          per_video=4), lib))  # fmt: skip
+    r1 = names(
+        plan(
+            VariantsRequest.build(
+                videos=v, audios=a, hook_categories=["funny"], mode="random", seed=7, per_video=4
+            ),
+            lib,
+        )
+    )
+    r2 = names(
+        plan(
+            VariantsRequest.build(
+                videos=v, audios=a, hook_categories="funny", mode="random", seed=7, per_video=4
+            ),
+            lib,
+        )
+    )
+    r3 = names(
+        plan(
+            VariantsRequest.build(
+                videos=v, audios=a, hook_categories=["funny"], mode="random", seed=8, per_video=4
+            ),
+            lib,
+        )
+    )
     assert r1 == r2 != r3 and len(r1) == 12
     cart = plan(VariantsRequest.build(videos=v, audios=a, hook_categories=["funny"], mode="cartesian"), lib)
     assert len(cart) == 18 and len(set(names(cart))) == 18
     with pytest.raises(InputError, match="makes 18 variants \\(cartesian\\); the limit is 10"):
-        plan(VariantsRequest.build(videos=v, audios=a, hook_categories=["funny"], mode="cartesian", limit=10), lib)
+        plan(
+            VariantsRequest.build(videos=v, audios=a, hook_categories=["funny"], mode="cartesian", limit=10),
+            lib,
+        )
 
 
 def test_collections_and_bad_selections(lib):

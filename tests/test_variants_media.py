@@ -12,21 +12,41 @@ import numpy as np
 import pytest
 
 from engine.media.ffmpeg import ffmpeg_exe, probe
-from engine.variants import batch_dir, cleanup_expired
+from engine.media.variants import batch_dir, cleanup_expired
 
 FREQS = (330, 550, 770)
 
 
 def lavfi(out: Path, *args: str) -> Path:
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args, str(out)],
-                   check=True, timeout=120)  # fmt: skip
+    subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args, str(out)],
+        check=True,
+        timeout=120,
+    )
     return out
 
 
 def make_clip(out: Path, seconds: float = 2.0, size: str = "320x180") -> Path:
-    return lavfi(out, "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25:duration={seconds}", "-f", "lavfi", "-i",
-                 f"sine=frequency=1000:duration={seconds}", "-c:v", "libx264", "-preset", "ultrafast",
-                 "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest")  # fmt: skip
+    return lavfi(
+        out,
+        "-f",
+        "lavfi",
+        "-i",
+        f"testsrc2=size={size}:rate=25:duration={seconds}",
+        "-f",
+        "lavfi",
+        "-i",
+        f"sine=frequency=1000:duration={seconds}",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-shortest",
+    )
 
 
 def make_tone(out: Path, freq: int, seconds: float = 3.0) -> Path:
@@ -34,8 +54,27 @@ def make_tone(out: Path, freq: int, seconds: float = 3.0) -> Path:
 
 
 def dominant_frequency(path: Path) -> float:
-    raw = subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-i", str(path), "-vn", "-ac", "1",
-                          "-ar", "8000", "-f", "s16le", "-"], capture_output=True, check=True, timeout=60).stdout  # fmt: skip
+    raw = subprocess.run(
+        [
+            ffmpeg_exe(),
+            "-nostdin",
+            "-loglevel",
+            "error",
+            "-i",
+            str(path),
+            "-vn",
+            "-ac",
+            "1",
+            "-ar",
+            "8000",
+            "-f",
+            "s16le",
+            "-",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
     x = np.frombuffer(raw, dtype=np.int16).astype(np.float32)[2000:10000]  # skip the start, before the fade
     spectrum = np.abs(np.fft.rfft(x * np.hanning(len(x))))
     return float(np.fft.rfftfreq(len(x), 1 / 8000)[spectrum.argmax()])
@@ -71,8 +110,9 @@ def test_library_ingest_probes_and_thumbnails(media):
 
 def test_round_robin_batch_audio_per_variant_and_zip(studio, media):
     videos, audios, hooks = media
-    res = run_batch(studio, videos=[v.id for v in videos], audios=[a.id for a in audios[:2]],
-                    hooks=[h.id for h in hooks])  # fmt: skip
+    res = run_batch(
+        studio, videos=[v.id for v in videos], audios=[a.id for a in audios[:2]], hooks=[h.id for h in hooks]
+    )
     assert (res["ok"], res["failed"]) == (3, 0)
     expected = [FREQS[i % 2] for i in range(3)]
     for row, freq in zip(res["variants"], expected, strict=True):
@@ -99,21 +139,24 @@ def test_a_truncated_clip_fails_only_its_variant(studio, media, tmp_path):
     assert (res["ok"], res["failed"]) == (1, 1)
     bad = next(r for r in res["variants"] if not r["ok"])
     assert bad["video"] == "soon truncated" and bad["error"]
-    assert not [p for p in batch_dir(studio.settings.outputs_dir, res["batch_id"]).iterdir()
-                if p.name.startswith(".tmp-")]  # fmt: skip
+    assert not [
+        p
+        for p in batch_dir(studio.settings.outputs_dir, res["batch_id"]).iterdir()
+        if p.name.startswith(".tmp-")
+    ]
 
 
 def test_expired_batches_lose_files_and_rows(studio, media):
     from sqlmodel import select
 
-    from engine.store import Asset, Job
+    from engine.store.database import Asset, Job
 
     videos, audios, _ = media
     res = run_batch(studio, videos=[videos[1].id], audios=[audios[0].id], expire_hours=1)
     folder = batch_dir(studio.settings.outputs_dir, res["batch_id"])
     assert folder.is_dir()
     assert cleanup_expired(studio.db, studio.settings.outputs_dir) == 0  # not yet
-    from engine.store import utcnow
+    from engine.store.database import utcnow
 
     assert cleanup_expired(studio.db, studio.settings.outputs_dir, now=utcnow() + timedelta(hours=2)) >= 1
     assert not folder.exists()
@@ -134,8 +177,14 @@ def test_delete_removes_files_and_rows(studio, media):
 def test_a_batch_does_not_hold_up_image_generation(studio, media):
     """Media jobs have their own worker: an image job submitted after a batch finishes while it runs."""
     videos, audios, hooks = media
-    batch_id, _ = studio.submit_variants({"videos": [v.id for v in videos], "audios": [a.id for a in audios],
-                                          "hooks": [h.id for h in hooks], "per_video": 4})  # fmt: skip
+    batch_id, _ = studio.submit_variants(
+        {
+            "videos": [v.id for v in videos],
+            "audios": [a.id for a in audios],
+            "hooks": [h.id for h in hooks],
+            "per_video": 4,
+        }
+    )
     job_id, _ = studio.submit_generate({"prompt": "x", "steps": 2, "width": 64, "height": 64, "seed": 1})
     assert list(studio.watch(job_id))[-1]["type"] == "done"
     assert studio.job_status(batch_id)["status"] in ("queued", "running")  # 12 renders are still going
@@ -148,7 +197,7 @@ def test_two_variants_render_at_once_and_cancel_stops_them(studio, media, monkey
     leaves no partial file."""
     import threading
 
-    import engine.variants as variants
+    import engine.media.variants as variants
 
     videos, audios, _ = media
     real = variants._render_one
@@ -174,8 +223,9 @@ def test_two_variants_render_at_once_and_cancel_stops_them(studio, media, monkey
     assert state["most"] == 2
 
     cancel_now.set()
-    job_id, token = studio.submit_variants({"videos": [v.id for v in videos], "audios": [audios[1].id],
-                                            "per_video": 3})  # fmt: skip
+    job_id, token = studio.submit_variants(
+        {"videos": [v.id for v in videos], "audios": [audios[1].id], "per_video": 3}
+    )
     for event in studio.watch(job_id):
         if event["type"] == "progress" and event.get("variant"):
             studio.cancel(job_id, token=token)

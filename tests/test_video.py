@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InputError, JobCancelledError
-from engine.video import (
+from engine.video.generate import (
     VIDEO_FAMILIES,
     VideoModel,
     VideoPipelines,
@@ -37,7 +37,7 @@ SIZE = 64
 
 @pytest.fixture(scope="module")
 def video_models(tmp_path_factory) -> Path:
-    from engine.demo_model import ensure_demo_model
+    from engine.model_manager.demo_model import ensure_demo_model
     from engine.paths import ModelRoots
 
     root = tmp_path_factory.mktemp("video_models")
@@ -82,7 +82,11 @@ def _decode(path: Path):
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        return frames, Fraction(stream.average_rate), (stream.codec_context.width, stream.codec_context.height)
+        return (
+            frames,
+            Fraction(stream.average_rate),
+            (stream.codec_context.width, stream.codec_context.height),
+        )
 
 
 def _assert_video(path: Path, frames: int, fps: int, size: tuple[int, int]) -> None:
@@ -111,7 +115,11 @@ def test_detect_and_list(video_models):
 def test_check_video_spec_fills_defaults_and_names_errors():
     ltx = check_video_spec(VideoSpec(family="ltx", mode="txt2video", prompt="a cat"))
     fam = VIDEO_FAMILIES["ltx"]
-    assert (ltx.frames, ltx.fps, (ltx.width, ltx.height)) == (fam.default_frames, fam.default_fps, fam.default_size)
+    assert (ltx.frames, ltx.fps, (ltx.width, ltx.height)) == (
+        fam.default_frames,
+        fam.default_fps,
+        fam.default_size,
+    )
     assert (ltx.steps, ltx.guidance) == (fam.default_steps, fam.default_guidance)
     from PIL import Image
 
@@ -146,9 +154,21 @@ def test_svd_img2video_to_mp4(video_models, pipelines, plan, tmp_path):
     model = _model(video_models, "tiny-svd")
     pipe = pipelines.get(model, "img2video")
     steps = []
-    spec = VideoSpec(family="svd", mode="img2video", image=_image(), frames=3, fps=7, width=SIZE, height=SIZE,
-                     steps=2, seed=5, motion_strength=0.8)  # fmt: skip
-    frames = render_video(pipe, spec, plan=plan, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw)
+    spec = VideoSpec(
+        family="svd",
+        mode="img2video",
+        image=_image(),
+        frames=3,
+        fps=7,
+        width=SIZE,
+        height=SIZE,
+        steps=2,
+        seed=5,
+        motion_strength=0.8,
+    )
+    frames = render_video(
+        pipe, spec, plan=plan, callback_on_step_end=lambda p, i, t, kw: steps.append(i) or kw
+    )
     assert steps == [0, 1]
     assert len(frames) == 3 and all(f.size == (SIZE, SIZE) and f.mode == "RGB" for f in frames)
     info = write_mp4(frames, 7, tmp_path / "svd.mp4", metadata={"comment": "svd"})
@@ -161,8 +181,17 @@ def test_ltx_txt2video_and_img2video(video_models, pipelines, plan, tmp_path):
     model = _model(video_models, "tiny-ltx")
     t2v = pipelines.get(model, "txt2video")
     assert type(t2v).__name__ == "LTXPipeline"
-    spec = VideoSpec(family="ltx", mode="txt2video", prompt="a red fox, snow", frames=9, fps=24, width=SIZE,
-                     height=SIZE, steps=2, seed=1)  # fmt: skip
+    spec = VideoSpec(
+        family="ltx",
+        mode="txt2video",
+        prompt="a red fox, snow",
+        frames=9,
+        fps=24,
+        width=SIZE,
+        height=SIZE,
+        steps=2,
+        seed=1,
+    )
     frames = render_video(t2v, spec, plan=plan)
     write_mp4(frames, 24, tmp_path / "t2v.mp4")
     _assert_video(tmp_path / "t2v.mp4", 9, 24, (SIZE, SIZE))
@@ -170,8 +199,17 @@ def test_ltx_txt2video_and_img2video(video_models, pipelines, plan, tmp_path):
     i2v = pipelines.get(model, "img2video")
     assert type(i2v).__name__ == "LTXImageToVideoPipeline"
     assert i2v.transformer is t2v.transformer  # built with from_pipe: the weights are loaded once
-    spec = VideoSpec(family="ltx", mode="img2video", prompt="the fox runs", image=_image(1), frames=17, fps=25,
-                     width=SIZE, height=32 * 3, steps=2)  # fmt: skip
+    spec = VideoSpec(
+        family="ltx",
+        mode="img2video",
+        prompt="the fox runs",
+        image=_image(1),
+        frames=17,
+        fps=25,
+        width=SIZE,
+        height=32 * 3,
+        steps=2,
+    )
     frames = render_video(i2v, spec, plan=plan)
     write_mp4(frames, 25, tmp_path / "i2v.mp4")
     _assert_video(tmp_path / "i2v.mp4", 17, 25, (SIZE, 96))
@@ -187,9 +225,19 @@ def test_animatediff_folder_and_single_file(video_models, plan):
         pipes.get(folder, "img2video", base)
     pipe = pipes.get(folder, "txt2video", base)
     assert type(pipe).__name__ == "AnimateDiffPipeline"
-    assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.beta_schedule == "linear"
-    spec = VideoSpec(family="animatediff", mode="txt2video", prompt="a boat at sea", frames=4, width=SIZE,
-                     height=SIZE, steps=2, seed=3)  # fmt: skip
+    assert (
+        type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.beta_schedule == "linear"
+    )
+    spec = VideoSpec(
+        family="animatediff",
+        mode="txt2video",
+        prompt="a boat at sea",
+        frames=4,
+        width=SIZE,
+        height=SIZE,
+        steps=2,
+        seed=3,
+    )
     a = render_video(pipe, spec, plan=plan)
     again = render_video(pipe, spec, plan=plan)
     assert [f.tobytes() for f in a] == [f.tobytes() for f in again]  # same seed, same frames
@@ -222,7 +270,9 @@ def test_cancel_mid_run_leaves_no_mp4(video_models, pipelines, plan, tmp_path):
     out = tmp_path / "cancelled.mp4"
 
     def job():
-        spec = VideoSpec(family="ltx", mode="txt2video", prompt="x", frames=9, width=SIZE, height=SIZE, steps=4)
+        spec = VideoSpec(
+            family="ltx", mode="txt2video", prompt="x", frames=9, width=SIZE, height=SIZE, steps=4
+        )
         frames = render_video(pipe, spec, plan=plan, callback_on_step_end=on_step, cancelled=cancelled)
         write_mp4(frames, 25, out)
 
@@ -299,9 +349,11 @@ def test_interpolate_fps_and_previews(tmp_path, monkeypatch):
     gif = animated_preview(src, tmp_path / "preview.gif", max_side=32, fps=4)
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames > 1
-    import engine.video
+    import engine.video.generate
 
-    monkeypatch.setattr(engine.video, "_ffmpeg_encoders", lambda: "")  # an ffmpeg without libwebp: Pillow
+    monkeypatch.setattr(
+        engine.video.generate, "_ffmpeg_encoders", lambda: ""
+    )  # an ffmpeg without libwebp: Pillow
     fallback = animated_preview(src, tmp_path / "fallback.webp", max_side=32, fps=4)
     with Image.open(fallback) as im:
         assert im.format == "WEBP" and im.n_frames > 1 and max(im.size) <= 32

@@ -63,8 +63,14 @@ def test_component_value_naming_a_server_path_is_refused(app):
     params = httpx.get(app.url + "gradio_api/info", timeout=10).json()["named_endpoints"]["/generate"][
         "parameters"
     ]
-    data = [fake if p["parameter_name"] == "init_image" else p["parameter_default"] if p["parameter_has_default"]
-            else "x" for p in params]  # fmt: skip
+    data = [
+        fake
+        if p["parameter_name"] == "init_image"
+        else p["parameter_default"]
+        if p["parameter_has_default"]
+        else "x"
+        for p in params
+    ]
     assert fake in data
     r = httpx.post(app.url + "gradio_api/call/generate", json={"data": data}, timeout=10)
     event_id = r.json()["event_id"]
@@ -81,14 +87,37 @@ def test_uploaded_non_image_gets_a_clear_error(app, tmp_path):
     notes.write_text("definitely not a picture")
     client = Client(app.url, verbose=False)
     with pytest.raises(AppError, match="not a readable image|Invalid image|cannot identify"):
-        client.predict(prompt="x", negative_prompt="", loras="", steps=2, width=64, height=64, seed=1,
-                       init_image=handle_file(str(notes)), api_name="/generate")  # fmt: skip
+        client.predict(
+            prompt="x",
+            negative_prompt="",
+            loras="",
+            steps=2,
+            width=64,
+            height=64,
+            seed=1,
+            init_image=handle_file(str(notes)),
+            api_name="/generate",
+        )
 
 
 def test_exposed_host_without_auth_refuses_to_start(models_dir, tmp_path):
-    out = subprocess.run([sys.executable, "app.py", "--host", "0.0.0.0", "--demo", "--data-dir", str(tmp_path),
-                          "--models-dir", str(models_dir)], cwd=REPO, capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            "app.py",
+            "--host",
+            "0.0.0.0",
+            "--demo",
+            "--data-dir",
+            str(tmp_path),
+            "--models-dir",
+            str(models_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2 and "--auth" in out.stderr and "--insecure" in out.stderr
 
 
@@ -100,8 +129,16 @@ def test_auth_and_ownership(models_dir, tmp_path):
             Client(app.url, verbose=False).predict("x", api_name="/job_status")
         alice = Client(app.url, auth=("alice", "secret"), verbose=False)
         bob = Client(app.url, auth=("bob", "pw2"), verbose=False)
-        job = alice.submit(prompt="alice's", negative_prompt="", loras="", steps=150, width=128, height=128, seed=1,
-                           api_name="/generate")  # fmt: skip
+        job = alice.submit(
+            prompt="alice's",
+            negative_prompt="",
+            loras="",
+            steps=150,
+            width=128,
+            height=128,
+            seed=1,
+            api_name="/generate",
+        )
         deadline = time.monotonic() + 60
         while not job.outputs():
             assert time.monotonic() < deadline
@@ -111,8 +148,16 @@ def test_auth_and_ownership(models_dir, tmp_path):
         with pytest.raises(AppError, match="only its owner"):
             bob.predict(job_id, "", api_name="/cancel_job")
         assert alice.predict(job_id, "", api_name="/cancel_job") in ("cancelled", "cancelling")
-        images = alice.predict(prompt="ok", negative_prompt="", loras="", steps=2, width=64, height=64, seed=2,
-                               api_name="/generate")[0]  # fmt: skip
+        images = alice.predict(
+            prompt="ok",
+            negative_prompt="",
+            loras="",
+            steps=2,
+            width=64,
+            height=64,
+            seed=2,
+            api_name="/generate",
+        )[0]
         assert len(images) == 1
     finally:
         app.stop()

@@ -44,8 +44,9 @@ def _conv(state: dict, name: str, out_ch: int, in_ch: int, gain: float = 1.0) ->
     state[f"{name}.bias"] = conv.bias.data * gain
 
 
-def save_esrgan(path: Path, scale: int = 4, num_feat: int = 8, num_block: int = 1, fmt: str = "pth",
-                seed: int = 3) -> Path:  # fmt: skip
+def save_esrgan(
+    path: Path, scale: int = 4, num_feat: int = 8, num_block: int = 1, fmt: str = "pth", seed: int = 3
+) -> Path:
     """An RRDBNet (ESRGAN / Real-ESRGAN) with random weights. num_feat=64, num_block=23 is RealESRGAN_x4plus;
     num_block=6 the anime_6B model; the defaults make a tiny one for fast tests. Grow channels are 32, as in
     every released ESRGAN (spandrel assumes it)."""
@@ -71,8 +72,15 @@ def save_esrgan(path: Path, scale: int = 4, num_feat: int = 8, num_block: int = 
     return _save_state(state, path, fmt, "params_ema")
 
 
-def save_compact(path: Path, scale: int = 4, num_feat: int = 64, num_conv: int = 32, fmt: str = "pth",
-                 seed: int = 4, in_ch: int = 3) -> Path:  # fmt: skip
+def save_compact(
+    path: Path,
+    scale: int = 4,
+    num_feat: int = 64,
+    num_conv: int = 32,
+    fmt: str = "pth",
+    seed: int = 4,
+    in_ch: int = 3,
+) -> Path:
     """An SRVGGNetCompact with random weights. The defaults are realesr-general-x4v3's architecture;
     num_feat=64, num_conv=16 is realesr-animevideov3's.
 
@@ -125,7 +133,7 @@ def build_sd_x4_pipeline():
         UNet2DConditionModel,
     )
 
-    from engine.demo_model import build_text_encoder, build_tokenizer
+    from engine.model_manager.demo_model import build_text_encoder, build_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -173,8 +181,9 @@ def build_sd_x4(folder: Path) -> Path:
     return folder
 
 
-def make_test_video(path: Path, seconds: float = 1, fps: int = 8, size: tuple[int, int] = (64, 48),
-                    audio: bool = True) -> Path:  # fmt: skip
+def make_test_video(
+    path: Path, seconds: float = 1, fps: int = 8, size: tuple[int, int] = (64, 48), audio: bool = True
+) -> Path:
     """An H.264 (yuv420p) MP4 of lavfi's testsrc, with a 440 Hz AAC tone when `audio`."""
     from engine.media.ffmpeg import run_ffmpeg
 

@@ -34,10 +34,19 @@ def build_tiny_svd(folder: Path) -> Path:
         addition_time_embed_dim=32,
     )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
-        steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
-    )  # fmt: skip
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        interpolation_type="linear",
+        num_train_timesteps=1000,
+        prediction_type="v_prediction",
+        sigma_max=700.0,
+        sigma_min=0.002,
+        steps_offset=1,
+        timestep_spacing="leading",
+        timestep_type="continuous",
+        use_karras_sigmas=True,
+    )
     torch.manual_seed(SEED)
     vae = AutoencoderKLTemporalDecoder(
         block_out_channels=[32, 64],
@@ -50,13 +59,22 @@ def build_tiny_svd(folder: Path) -> Path:
     image_encoder = CLIPVisionModelWithProjection(
         CLIPVisionConfig(
             # SVD always resizes its conditioning image to 224 px: 16x16 patches of 14 px keep it tiny
-            hidden_size=32, projection_dim=32, num_hidden_layers=5, num_attention_heads=4, image_size=224,
-            intermediate_size=37, patch_size=14,
-        )  # fmt: skip
+            hidden_size=32,
+            projection_dim=32,
+            num_hidden_layers=5,
+            num_attention_heads=4,
+            image_size=224,
+            intermediate_size=37,
+            patch_size=14,
+        )
     )
     feature_extractor = CLIPImageProcessor(crop_size=224, size=224)
     pipe = StableVideoDiffusionPipeline(
-        unet=unet, image_encoder=image_encoder, scheduler=scheduler, vae=vae, feature_extractor=feature_extractor
+        unet=unet,
+        image_encoder=image_encoder,
+        scheduler=scheduler,
+        vae=vae,
+        feature_extractor=feature_extractor,
     )
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
@@ -80,9 +98,13 @@ def build_t5_tokenizer(vocab_size: int = 1000):
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(replacement="▁")])
     return T5TokenizerFast(
-        tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+        tokenizer_object=tok,
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_ids=0,
         model_max_length=128,
-    )  # fmt: skip
+    )
 
 
 def build_tiny_ltx(folder: Path) -> Path:
@@ -99,31 +121,57 @@ def build_tiny_ltx(folder: Path) -> Path:
 
     torch.manual_seed(SEED)
     transformer = LTXVideoTransformer3DModel(
-        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
-        cross_attention_dim=32, num_layers=1, caption_channels=32,
-    )  # fmt: skip
+        in_channels=8,
+        out_channels=8,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        cross_attention_dim=32,
+        num_layers=1,
+        caption_channels=32,
+    )
     torch.manual_seed(SEED)
     vae = AutoencoderKLLTXVideo(
-        latent_channels=8, block_out_channels=(8, 8, 8, 8), decoder_block_out_channels=(8, 8, 8, 8),
-        spatio_temporal_scaling=(True, True, False, False), decoder_spatio_temporal_scaling=(True, True, False, False),
-        layers_per_block=(1, 1, 1, 1, 1), decoder_layers_per_block=(1, 1, 1, 1, 1),
-        decoder_inject_noise=(False, False, False, False, False), upsample_residual=(False, False, False, False),
-        upsample_factor=(1, 1, 1, 1), timestep_conditioning=False, patch_size=1, patch_size_t=1,
-        encoder_causal=True, decoder_causal=False,
-    )  # fmt: skip
+        latent_channels=8,
+        block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8),
+        spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False),
+        layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1),
+        decoder_inject_noise=(False, False, False, False, False),
+        upsample_residual=(False, False, False, False),
+        upsample_factor=(1, 1, 1, 1),
+        timestep_conditioning=False,
+        patch_size=1,
+        patch_size_t=1,
+        encoder_causal=True,
+        decoder_causal=False,
+    )
     tokenizer = build_t5_tokenizer()
     torch.manual_seed(SEED)
     text_encoder = T5EncoderModel(
         T5Config(
-            vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-        )  # fmt: skip
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+        )
     )
     pipe = LTXPipeline(
-        transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder,
+        transformer=transformer,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
-    )  # fmt: skip
+    )
     pipe.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
 
@@ -137,7 +185,7 @@ def _demo_unet_config(base_model: Path | None) -> dict:
 
 
 def build_tiny_motion_adapter(folder: Path, base_model: Path | None = None):
-    """A MotionAdapter whose blocks match the demo SD1 UNet (engine.demo_model): channels, layers per
+    """A MotionAdapter whose blocks match the demo SD1 UNet (engine.model_manager.demo_model): channels, layers per
     block and norm groups read from `base_model`'s unet/config.json when given."""
     import torch
     from diffusers import MotionAdapter
@@ -157,8 +205,13 @@ def build_tiny_motion_adapter(folder: Path, base_model: Path | None = None):
 
 # diffusers MotionAdapter key fragments -> the original AnimateDiff (guoyww) names; the inverse of
 # diffusers.loaders.single_file_utils.convert_animatediff_checkpoint_to_diffusers
-_TO_ORIGINAL = ((".norm1", ".norms.0"), (".norm2", ".norms.1"), (".norm3", ".ff_norm"),
-                (".attn1", ".attention_blocks.0"), (".attn2", ".attention_blocks.1"))  # fmt: skip
+_TO_ORIGINAL = (
+    (".norm1", ".norms.0"),
+    (".norm2", ".norms.1"),
+    (".norm3", ".ff_norm"),
+    (".attn1", ".attention_blocks.0"),
+    (".attn2", ".attention_blocks.1"),
+)
 
 
 def save_motion_adapter_single_file(path: Path, base_model: Path | None = None) -> Path:

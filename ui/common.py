@@ -92,5 +92,7 @@ def wait_for_job(studio: Studio, job_id: str, progress, what: str) -> dict:
         elif event["type"] == "done":
             return event["result"]
         elif event["type"] in ("failed", "cancelled", "interrupted"):
-            raise gr.Error(f"{what} {event['type']}: {event.get('error', '')}", title=f"{what.capitalize()} failed")
+            raise gr.Error(
+                f"{what} {event['type']}: {event.get('error', '')}", title=f"{what.capitalize()} failed"
+            )
     raise gr.Error(f"the {what} job ended without a result")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from engine.characters import REJECTION_REASONS
+from engine.characters.characters import REJECTION_REASONS
 from ui.characters_tab import character_choices
 from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username, wait_for_job
 
@@ -37,18 +37,31 @@ def build_ingest(ctx: UIContext) -> dict:
     studio = ctx.studio
     with gr.Row():
         # allow_custom_value: API callers name characters made after the page was built (see characters_tab)
-        character = gr.Dropdown(character_choices(studio), label="Character", value=None, allow_custom_value=True,
-                                elem_id="ingest_character")  # fmt: skip
+        character = gr.Dropdown(
+            character_choices(studio),
+            label="Character",
+            value=None,
+            allow_custom_value=True,
+            elem_id="ingest_character",
+        )
         refresh = gr.Button("Refresh", size="sm", elem_id="ingest_refresh")
-    files = gr.File(label="Images, ZIPs of images, or videos", file_count="multiple", type="filepath",
-                    elem_id="ingest_files")  # fmt: skip
+    files = gr.File(
+        label="Images, ZIPs of images, or videos",
+        file_count="multiple",
+        type="filepath",
+        elem_id="ingest_files",
+    )
     with gr.Row():
-        folder = gr.Textbox(label="Server folder", value="", info="inside an allowed root: "
-                            + ", ".join(str(p) for p in studio.settings.ingest_root_paths))  # fmt: skip
+        folder = gr.Textbox(
+            label="Server folder",
+            value="",
+            info="inside an allowed root: " + ", ".join(str(p) for p in studio.settings.ingest_root_paths),
+        )
         url = gr.Textbox(label="URL (yt-dlp; needs network)", value="")
     with gr.Row():
-        video_mode = gr.Radio(["scene", "rate"], value="scene", label="Video frames",
-                              info="one per scene, or a fixed rate")  # fmt: skip
+        video_mode = gr.Radio(
+            ["scene", "rate"], value="scene", label="Video frames", info="one per scene, or a fixed rate"
+        )
         fps = gr.Slider(0.1, 10, value=1.0, step=0.1, label="Frames per second (rate mode)")
         scene_threshold = gr.Slider(5, 60, value=27, step=1, label="Scene-cut threshold")
         min_sharpness = gr.Slider(0, 300, value=40, step=5, label="Minimum sharpness")
@@ -56,15 +69,31 @@ def build_ingest(ctx: UIContext) -> dict:
     summary = gr.Markdown(elem_id="ingest_summary")
     result = gr.JSON(label="Result", visible=True)
 
-    def ingest(character: str, files: list[str] | None = None, folder: str = "", url: str = "",
-               video_mode: str = "scene", fps: float = 1.0, scene_threshold: float = 27.0,
-               min_sharpness: float = 40.0, request: gr.Request = None, progress=gr.Progress()) -> dict:  # fmt: skip
+    def ingest(
+        character: str,
+        files: list[str] | None = None,
+        folder: str = "",
+        url: str = "",
+        video_mode: str = "scene",
+        fps: float = 1.0,
+        scene_threshold: float = 27.0,
+        min_sharpness: float = 40.0,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ) -> dict:
         """Bring images into a character's dataset as pending: image files and ZIPs, videos (one frame per
         scene or a fixed rate; blurry frames and near-duplicates dropped), a server folder inside an allowed
         root (only new images), or a URL. Returns what was added, duplicates and skipped items with reasons."""
-        values = dict(character=character or "", files=list(files or []), folder=(folder or "").strip(),
-                      url=(url or "").strip(), video_mode=video_mode or "scene", fps=float(fps),
-                      scene_threshold=float(scene_threshold), min_sharpness=float(min_sharpness))  # fmt: skip
+        values = dict(
+            character=character or "",
+            files=list(files or []),
+            folder=(folder or "").strip(),
+            url=(url or "").strip(),
+            video_mode=video_mode or "scene",
+            fps=float(fps),
+            scene_threshold=float(scene_threshold),
+            min_sharpness=float(min_sharpness),
+        )
         with engine_errors():
             jid, _ = studio.submit_ingest(values, owner=username(request))
         return {**wait_for_job(studio, jid, progress, "ingest"), "job_id": jid}
@@ -72,13 +101,21 @@ def build_ingest(ctx: UIContext) -> dict:
     def describe(r: dict | None) -> str:
         if not r:
             return ""
-        lines = [f"**{len(r['added'])} added**, {len(r['duplicates'])} duplicates, {len(r['skipped'])} skipped · "
-                 f"pending {r['pending']}, approved {r['approved']}, rejected {r['rejected']}"]  # fmt: skip
+        lines = [
+            f"**{len(r['added'])} added**, {len(r['duplicates'])} duplicates, {len(r['skipped'])} skipped · "
+            f"pending {r['pending']}, approved {r['approved']}, rejected {r['rejected']}"
+        ]
         lines += [f"- skipped `{s['source']}`: {s['reason']}" for s in r["skipped"][:20]]
         return "\n".join(lines)
 
-    go.click(ingest, [character, files, folder, url, video_mode, fps, scene_threshold, min_sharpness], [result],
-             api_name="ingest", concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).success(describe, [result], [summary], **PRIVATE)  # fmt: skip
+    go.click(
+        ingest,
+        [character, files, folder, url, video_mode, fps, scene_threshold, min_sharpness],
+        [result],
+        api_name="ingest",
+        concurrency_limit=ctx.settings.max_queue,
+        concurrency_id=JOBS_CONCURRENCY_ID,
+    ).success(describe, [result], [summary], **PRIVATE)
     refresh.click(lambda: gr.update(choices=character_choices(studio)), None, [character], **PRIVATE)
     return {"character": character}
 
@@ -88,8 +125,13 @@ def build_review(ctx: UIContext) -> dict:
     reason_choices = [(label, key) for key, label in REJECTION_REASONS.items()]
     with gr.Column(elem_id="review_panel"):
         with gr.Row():
-            character = gr.Dropdown(character_choices(studio), label="Character", value=None,
-                                    allow_custom_value=True, elem_id="review_character")  # fmt: skip
+            character = gr.Dropdown(
+                character_choices(studio),
+                label="Character",
+                value=None,
+                allow_custom_value=True,
+                elem_id="review_character",
+            )
             status = gr.Radio(["pending", "approved", "rejected", "all"], value="pending", label="Show")
             page = gr.Number(value=1, precision=0, label="Page", minimum=1)
             load = gr.Button("Load", size="sm", elem_id="review_load")
@@ -97,12 +139,17 @@ def build_review(ctx: UIContext) -> dict:
         readiness = gr.Markdown(elem_id="review_readiness")
         with gr.Row():
             with gr.Column(scale=2):
-                grid = gr.Gallery(label="Queue", columns=6, height=300, allow_preview=False, elem_id="review_grid")
+                grid = gr.Gallery(
+                    label="Queue", columns=6, height=300, allow_preview=False, elem_id="review_grid"
+                )
                 with gr.Row():
-                    selected = gr.Textbox(label="Selected item ids (comma separated)", value="",
-                                          elem_id="review_selected")  # fmt: skip
+                    selected = gr.Textbox(
+                        label="Selected item ids (comma separated)", value="", elem_id="review_selected"
+                    )
                     select_all = gr.Button("Select all on page", size="sm", elem_id="review_select_all")
-                reasons = gr.CheckboxGroup(reason_choices, label="Rejection reasons", elem_id="review_reasons")
+                reasons = gr.CheckboxGroup(
+                    reason_choices, label="Rejection reasons", elem_id="review_reasons"
+                )
                 reason_text = gr.Textbox(label="Other: what was wrong", value="")
                 with gr.Row():
                     approve = gr.Button("Approve (a)", variant="primary", elem_id="review_approve")
@@ -112,12 +159,17 @@ def build_review(ctx: UIContext) -> dict:
                     prev = gr.Button("◀ (k)", size="sm", elem_id="review_prev")
                     nxt = gr.Button("▶ (j)", size="sm", elem_id="review_next")
             with gr.Column(scale=3):
-                big = gr.Image(label="Image", interactive=False, height=420, format="png", elem_id="review_image")
+                big = gr.Image(
+                    label="Image", interactive=False, height=420, format="png", elem_id="review_image"
+                )
                 meta = gr.JSON(label="Metadata", elem_id="review_meta")
         with gr.Accordion("Captions", open=False):
             with gr.Row():
-                caption = gr.Textbox(label="Caption of the selected image (trigger word first)", value="",
-                                     elem_id="review_caption")  # fmt: skip
+                caption = gr.Textbox(
+                    label="Caption of the selected image (trigger word first)",
+                    value="",
+                    elem_id="review_caption",
+                )
                 caption_save = gr.Button("Save caption", size="sm", elem_id="caption_save")
             with gr.Row():
                 find = gr.Textbox(label="Find", value="")
@@ -128,7 +180,9 @@ def build_review(ctx: UIContext) -> dict:
                 overwrite = gr.Checkbox(value=False, label="Overwrite existing captions")
                 auto = gr.Button("Auto-caption approved images (vision endpoint)", size="sm")
                 suggest = gr.Button("Which character is this? (vision endpoint)", size="sm")
-        regen = gr.Button("Regenerate rejected (with the refined negative prompt)", elem_id="review_regenerate")
+        regen = gr.Button(
+            "Regenerate rejected (with the refined negative prompt)", elem_id="review_regenerate"
+        )
         note = gr.Markdown(elem_id="review_note")
     # not gr.State: that keeps a heartbeat stream open, so a page never goes network-idle (see gallery_tab)
     ids = gr.JSON([], visible=False)
@@ -142,8 +196,13 @@ def build_review(ctx: UIContext) -> dict:
         with engine_errors():
             return studio.review_queue(character or "", status or "pending", int(page or 1), PAGE_SIZE)
 
-    def review(character: str, item_ids: str | list[str], action: str = "approve",
-               reasons: list[str] | str | None = None, reason_text: str = "") -> dict:  # fmt: skip
+    def review(
+        character: str,
+        item_ids: str | list[str],
+        action: str = "approve",
+        reasons: list[str] | str | None = None,
+        reason_text: str = "",
+    ) -> dict:
         """Approve, reject (with one or more reasons: wrong character, bad anatomy, bad hands, blurry,
         off-style, wrong outfit, artifacts, duplicate, other + reason_text) or reset items; one undoable action."""
         ids_ = [i.strip() for i in item_ids.split(",")] if isinstance(item_ids, str) else list(item_ids or [])
@@ -163,15 +222,18 @@ def build_review(ctx: UIContext) -> dict:
     def replace_captions(character: str, find: str, replace: str = "", regex: bool = False) -> dict:
         """Find/replace in every approved caption of a character."""
         with engine_errors():
-            return studio.datasets.replace_captions(studio.characters.get(character or "").id, find or "",
-                                                    replace or "", bool(regex))  # fmt: skip
+            return studio.datasets.replace_captions(
+                studio.characters.get(character or "").id, find or "", replace or "", bool(regex)
+            )
 
-    def auto_caption(character: str, overwrite: bool = False, request: gr.Request = None,
-                     progress=gr.Progress()) -> dict:  # fmt: skip
+    def auto_caption(
+        character: str, overwrite: bool = False, request: gr.Request = None, progress=gr.Progress()
+    ) -> dict:
         """Caption approved images through the configured OpenAI-compatible vision endpoint (--vision-url)."""
         with engine_errors():
-            jid, _ = studio.submit_captions({"character": character or "", "overwrite": bool(overwrite)},
-                                            owner=username(request))  # fmt: skip
+            jid, _ = studio.submit_captions(
+                {"character": character or "", "overwrite": bool(overwrite)}, owner=username(request)
+            )
         return {**wait_for_job(studio, jid, progress, "captioning"), "job_id": jid}
 
     def suggest_character(item_id: str) -> dict:
@@ -198,8 +260,9 @@ def build_review(ctx: UIContext) -> dict:
             q = studio.review_queue(character, status or "pending", int(page or 1), PAGE_SIZE)
         items = q["items"]
         r = q["readiness"]
-        ready = (f"approved **{r['approved']}** · pending {r['pending']} · rejected {r['rejected']} · "
-                 + ("**trainable**" if r["trainable"] else f"needs {r['min_approved']} approved to train"))  # fmt: skip
+        ready = f"approved **{r['approved']}** · pending {r['pending']} · rejected {r['rejected']} · " + (
+            "**trainable**" if r["trainable"] else f"needs {r['min_approved']} approved to train"
+        )
         thumbs = [(str(studio.settings.outputs_dir / it["file"]), it["status"]) for it in items]
         at = min(max(0, at), max(0, len(items) - 1))
         return (thumbs, [it["id"] for it in items], at, *_focus(items, at), ready)
@@ -242,26 +305,55 @@ def build_review(ctx: UIContext) -> dict:
         return f"{result['action']} · {result['changed']} item(s)"
 
     for button, action in ((approve, "approve"), (reject, "reject"), (pending, "pending")):
-        button.click(lambda c, i, r, t, a=action: review(c, i, a, r, t), [character, selected, reasons, reason_text],
-                     [hidden], **PRIVATE).success(after, [hidden], [note], **PRIVATE).success(
-            show, [*queue_inputs, cursor], view_outputs, **PRIVATE)  # fmt: skip
+        button.click(
+            lambda c, i, r, t, a=action: review(c, i, a, r, t),
+            [character, selected, reasons, reason_text],
+            [hidden],
+            **PRIVATE,
+        ).success(after, [hidden], [note], **PRIVATE).success(
+            show, [*queue_inputs, cursor], view_outputs, **PRIVATE
+        )
     gr.api(review, api_name="review")
     gr.api(undo_review, api_name="undo_review")
     undo.click(lambda c: undo_review(c, ""), [character], [hidden], **PRIVATE).success(
-        after, [hidden], [note], **PRIVATE).success(show, [*queue_inputs, cursor], view_outputs, **PRIVATE)  # fmt: skip
+        after, [hidden], [note], **PRIVATE
+    ).success(show, [*queue_inputs, cursor], view_outputs, **PRIVATE)
     caption_save.click(set_caption, [selected, caption], [hidden], api_name="set_caption").success(
-        lambda r: f"caption saved: {r['caption']}" if r else "", [hidden], [note], **PRIVATE)  # fmt: skip
-    replace_btn.click(replace_captions, [character, find, replace, regex], [hidden], api_name="replace_captions").success(
-        lambda r: f"{r['changed']} caption(s) changed" if r else "", [hidden], [note], **PRIVATE)  # fmt: skip
-    auto.click(auto_caption, [character, overwrite], [hidden], api_name="auto_caption",
-               concurrency_limit=ctx.settings.max_queue, concurrency_id=JOBS_CONCURRENCY_ID).success(
-        lambda r: f"{len(r['captioned'])} captioned, {r['kept']} kept, {len(r['failed'])} failed" if r else "",
-        [hidden], [note], **PRIVATE)  # fmt: skip
+        lambda r: f"caption saved: {r['caption']}" if r else "", [hidden], [note], **PRIVATE
+    )
+    replace_btn.click(
+        replace_captions, [character, find, replace, regex], [hidden], api_name="replace_captions"
+    ).success(lambda r: f"{r['changed']} caption(s) changed" if r else "", [hidden], [note], **PRIVATE)
+    auto.click(
+        auto_caption,
+        [character, overwrite],
+        [hidden],
+        api_name="auto_caption",
+        concurrency_limit=ctx.settings.max_queue,
+        concurrency_id=JOBS_CONCURRENCY_ID,
+    ).success(
+        lambda r: (
+            f"{len(r['captioned'])} captioned, {r['kept']} kept, {len(r['failed'])} failed" if r else ""
+        ),
+        [hidden],
+        [note],
+        **PRIVATE,
+    )
     suggest.click(suggest_character, [selected], [hidden], api_name="suggest_character").success(
-        lambda r: f"looks like: **{r['suggested'] or 'none of the characters'}**" if r else "", [hidden], [note],
-        **PRIVATE)  # fmt: skip
+        lambda r: f"looks like: **{r['suggested'] or 'none of the characters'}**" if r else "",
+        [hidden],
+        [note],
+        **PRIVATE,
+    )
     regen.click(regenerate_rejected, [character], [hidden], api_name="regenerate_rejected").success(
-        lambda r: (f"{len(r['jobs'])} re-render job(s) queued with negative prompt: {r['negative_prompt']}"
-                   if r else ""), [hidden], [note], **PRIVATE)  # fmt: skip
+        lambda r: (
+            f"{len(r['jobs'])} re-render job(s) queued with negative prompt: {r['negative_prompt']}"
+            if r
+            else ""
+        ),
+        [hidden],
+        [note],
+        **PRIVATE,
+    )
     gr.api(dataset_stats, api_name="dataset_stats")
     return {"character": character}

@@ -7,8 +7,8 @@ import json
 
 import gradio as gr
 
-from engine.gallery import MODES
-from engine.upscale_job import VIDEO_SUFFIXES
+from engine.gallery.records import MODES
+from engine.media.ffmpeg import VIDEO_SUFFIXES
 from ui.common import PRIVATE, UIContext, engine_errors
 from ui.send import form_targets, form_updates
 
@@ -19,8 +19,9 @@ def build(ctx: UIContext) -> dict:
     studio = ctx.studio
     with gr.Row():
         text = gr.Textbox(label="Prompt contains", value="", scale=3, elem_id="gallery_text")
-        model = gr.Dropdown(["", *[n for _, n in studio.model_choices()]], value="", label="Model",
-                            allow_custom_value=True)  # fmt: skip
+        model = gr.Dropdown(
+            ["", *[n for _, n in studio.model_choices()]], value="", label="Model", allow_custom_value=True
+        )
         lora = gr.Dropdown(["", *studio.lora_names()], value="", label="LoRA", allow_custom_value=True)
         character = gr.Textbox(label="Character", value="")
         mode = gr.Dropdown(["", *MODES], value="", label="Mode")
@@ -35,12 +36,21 @@ def build(ctx: UIContext) -> dict:
     summary = gr.Markdown(elem_id="gallery_summary")
     with gr.Row():
         with gr.Column(scale=3):
-            grid = gr.Gallery(label="History", columns=6, height=520, allow_preview=False, format="webp",
-                              elem_id="history_gallery", interactive=False)  # fmt: skip
+            grid = gr.Gallery(
+                label="History",
+                columns=6,
+                height=520,
+                allow_preview=False,
+                format="webp",
+                elem_id="history_gallery",
+                interactive=False,
+            )
         with gr.Column(scale=2):
             selected = gr.Textbox(label="Generation id", interactive=False, elem_id="gallery_selected")
             image = gr.Image(label="Image", type="filepath", interactive=False, height=256)
-            video = gr.Video(label="Video", interactive=False, height=256, visible=False, elem_id="gallery_video")
+            video = gr.Video(
+                label="Video", interactive=False, height=256, visible=False, elem_id="gallery_video"
+            )
             infotext = gr.Textbox(label="Infotext", lines=4, buttons=["copy"])
             with gr.Row():
                 reuse = gr.Button("Reuse parameters", size="sm", elem_id="gallery_reuse")
@@ -62,17 +72,34 @@ def build(ctx: UIContext) -> dict:
     ids = gr.JSON([], visible=False)  # not gr.State: that keeps a heartbeat stream open (no networkidle)
     filters = [text, model, lora, character, mode, date_from, date_to, trash_view, page]
 
-    def gallery(text: str = "", model: str = "", lora: str = "", character: str = "", mode: str = "",
-                date_from: str = "", date_to: str = "", only_trashed: bool = False, page: float = 1,
-                page_size: float = PAGE_SIZE) -> dict:  # fmt: skip
+    def gallery(
+        text: str = "",
+        model: str = "",
+        lora: str = "",
+        character: str = "",
+        mode: str = "",
+        date_from: str = "",
+        date_to: str = "",
+        only_trashed: bool = False,
+        page: float = 1,
+        page_size: float = PAGE_SIZE,
+    ) -> dict:
         """One page of the history, newest first, filtered by prompt text, model, LoRA, character, mode and
         date range (YYYY-MM-DD). Returns items (generation id, image path, prompt, model, LoRAs, seed, size,
         date, mode), total, page and pages."""
         with engine_errors():
-            result = studio.gallery(text=text or "", model=model or "", lora=lora or "", character=character or "",
-                                    mode=mode or "", date_from=date_from or None, date_to=date_to or None,
-                                    only_trashed=bool(only_trashed), page=int(page or 1),
-                                    page_size=int(page_size or PAGE_SIZE))  # fmt: skip
+            result = studio.gallery(
+                text=text or "",
+                model=model or "",
+                lora=lora or "",
+                character=character or "",
+                mode=mode or "",
+                date_from=date_from or None,
+                date_to=date_to or None,
+                only_trashed=bool(only_trashed),
+                page=int(page or 1),
+                page_size=int(page_size or PAGE_SIZE),
+            )
         return json.loads(json.dumps(dataclasses.asdict(result), default=str))
 
     def show(*values):
@@ -131,8 +158,9 @@ def build(ctx: UIContext) -> dict:
     trash_btn.click(trash, [selected], [summary], **PRIVATE).then(
         show, filters, [grid, ids, summary, page], **PRIVATE
     )
-    restore_btn.click(restore, [selected], [summary], **PRIVATE).then(show, filters, [grid, ids, summary, page],
-                                                                         **PRIVATE)  # fmt: skip
+    restore_btn.click(restore, [selected], [summary], **PRIVATE).then(
+        show, filters, [grid, ids, summary, page], **PRIVATE
+    )
     empty_btn.click(empty, None, [summary], **PRIVATE)
 
     def export_image(generation_id: str, format: str = "jpeg") -> str:
@@ -142,8 +170,10 @@ def build(ctx: UIContext) -> dict:
         with engine_errors():
             d = studio.generation(generation_id)
             if str(d.image_path or "").lower().endswith(VIDEO_SUFFIXES):
-                raise gr.Error(f"generation {generation_id} is a clip; export converts images (png, jpeg, webp)",
-                               title="Not an image")  # fmt: skip
+                raise gr.Error(
+                    f"generation {generation_id} is a clip; export converts images (png, jpeg, webp)",
+                    title="Not an image",
+                )
             return str(studio.export_image(generation_id, format))
 
     export_btn.click(export_image, [selected, export_format], [exported], api_name="export_image")
@@ -155,8 +185,11 @@ def build(ctx: UIContext) -> dict:
             if not record:
                 raise gr.Error("select an image first", title="Nothing selected")
             if str(record.get("image_path") or "").lower().endswith(VIDEO_SUFFIXES):
-                raise gr.Error(f"this is a clip (mode {record.get('mode')}); its settings are not an image's: open "
-                               "it in the Video tab or send it to upscale", title="Not an image")  # fmt: skip
+                raise gr.Error(
+                    f"this is a clip (mode {record.get('mode')}); its settings are not an image's: open "
+                    "it in the Video tab or send it to upscale",
+                    title="Not an image",
+                )
             return dict((record.get("recipe") or {}).get("request") or {}, seed=record["seed"])
 
         def reuse_params(record: dict | None):
@@ -164,14 +197,33 @@ def build(ctx: UIContext) -> dict:
 
         def send_img2img(record: dict | None, path: str | None):
             params = params_of(record)
-            return [*form_updates(ctx.form, {"width": params.get("width"), "height": params.get("height")},
-                                  init_image=path), gr.Tabs(selected="generate")]  # fmt: skip
+            return [
+                *form_updates(
+                    ctx.form, {"width": params.get("width"), "height": params.get("height")}, init_image=path
+                ),
+                gr.Tabs(selected="generate"),
+            ]
 
         reuse.click(reuse_params, [detail], targets, **PRIVATE)
         to_img2img.click(send_img2img, [detail, image], targets, **PRIVATE)
-        to_inpaint.click(lambda record, path: [*send_img2img(record, path)[:-1], gr.Tabs(selected="generate")],
-                         [detail, image], targets, **PRIVATE).then(
-            lambda path: gr.update(value={"background": path, "layers": [], "composite": path}) if path else gr.skip(),
-            [image], [ctx.form["_editor"]], **PRIVATE)  # fmt: skip
-    return {"selected": selected, "ids": ids, "send_upscale": send_upscale, "send_page_upscale": send_page_upscale,
-            "send_video": send_video, "detail": detail}
+        to_inpaint.click(
+            lambda record, path: [*send_img2img(record, path)[:-1], gr.Tabs(selected="generate")],
+            [detail, image],
+            targets,
+            **PRIVATE,
+        ).then(
+            lambda path: (
+                gr.update(value={"background": path, "layers": [], "composite": path}) if path else gr.skip()
+            ),
+            [image],
+            [ctx.form["_editor"]],
+            **PRIVATE,
+        )
+    return {
+        "selected": selected,
+        "ids": ids,
+        "send_upscale": send_upscale,
+        "send_page_upscale": send_page_upscale,
+        "send_video": send_video,
+        "detail": detail,
+    }

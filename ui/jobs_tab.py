@@ -11,8 +11,14 @@ import gradio as gr
 
 from ui.common import PRIVATE, UIContext, engine_errors, username
 
-STATUS_COLOURS = {"queued": "#888", "running": "#2a7ae2", "succeeded": "#2e9d4f", "failed": "#d43c3c",
-                  "cancelled": "#b08a00", "interrupted": "#b05c00"}  # fmt: skip
+STATUS_COLOURS = {
+    "queued": "#888",
+    "running": "#2a7ae2",
+    "succeeded": "#2e9d4f",
+    "failed": "#d43c3c",
+    "cancelled": "#b08a00",
+    "interrupted": "#b05c00",
+}
 
 
 def render_jobs_table(jobs) -> str:
@@ -117,8 +123,9 @@ def build(ctx: UIContext) -> None:
     def refresh():
         day, model = studio.usage()
         info = studio.budget()
-        text = (f"GPU today: **{info['used_minutes']:.1f} min**"
-                + (f" of a {info['daily_gpu_minutes']:g} min budget" if info["daily_gpu_minutes"] else " (no budget)"))  # fmt: skip
+        text = f"GPU today: **{info['used_minutes']:.1f} min**" + (
+            f" of a {info['daily_gpu_minutes']:g} min budget" if info["daily_gpu_minutes"] else " (no budget)"
+        )
         return (
             render_jobs_table(studio.recent_jobs()),
             day,
@@ -134,9 +141,13 @@ def build(ctx: UIContext) -> None:
         """Device-seconds and GPU-seconds per day and per model over the last 30 days; jobs per day and kind;
         storage used per kind; today's GPU minutes against the daily budget."""
         day, model = studio.usage()
-        return {"per_day": day.to_dict(orient="records"), "per_model": model.to_dict(orient="records"),
-                "per_kind": studio.usage_by_kind().to_dict(orient="records"),
-                "storage": studio.storage().to_dict(orient="records"), "budget": studio.budget()}  # fmt: skip
+        return {
+            "per_day": day.to_dict(orient="records"),
+            "per_model": model.to_dict(orient="records"),
+            "per_kind": studio.usage_by_kind().to_dict(orient="records"),
+            "storage": studio.storage().to_dict(orient="records"),
+            "budget": studio.budget(),
+        }
 
     api.click(usage, None, [hidden_status], api_name="usage")
     timer.tick(

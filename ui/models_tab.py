@@ -50,8 +50,18 @@ def build(ctx: UIContext) -> None:
 
     def show():
         rows = list_model_files()
-        data = [[r["kind"], r["name"], r.get("family", ""), round(r["size"] / 1e6, 1), r.get("sha256", ""),
-                 r.get("short_hash", ""), r.get("error", "")] for r in rows]  # fmt: skip
+        data = [
+            [
+                r["kind"],
+                r["name"],
+                r.get("family", ""),
+                round(r["size"] / 1e6, 1),
+                r.get("sha256", ""),
+                r.get("short_hash", ""),
+                r.get("error", ""),
+            ]
+            for r in rows
+        ]
         return data, f"{len(rows)} item(s) in `{ctx.settings.models_dir}`"
 
     hidden = gr.JSON(visible=False)
@@ -68,13 +78,28 @@ def build(ctx: UIContext) -> None:
 
     unload.click(unload_model, None, [status], **PRIVATE)
 
-    def download_model(repo_id: str = "", filename: str = "", revision: str = "", url: str = "",
-                       kind: str = "checkpoints", save_as: str = "", sha256: str = "", request: gr.Request = None,
-                       progress=gr.Progress()):  # fmt: skip
+    def download_model(
+        repo_id: str = "",
+        filename: str = "",
+        revision: str = "",
+        url: str = "",
+        kind: str = "checkpoints",
+        save_as: str = "",
+        sha256: str = "",
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
         """Download a model by Hugging Face repo id (+ file) or URL into models/<kind>/, resumable and
         verified by SHA-256. Yields progress; returns the saved path, size and hash."""
-        values = dict(repo_id=repo_id or "", filename=filename or "", revision=revision or "", url=url or "",
-                      kind=kind or "checkpoints", save_as=save_as or "", sha256=sha256 or "")  # fmt: skip
+        values = dict(
+            repo_id=repo_id or "",
+            filename=filename or "",
+            revision=revision or "",
+            url=url or "",
+            kind=kind or "checkpoints",
+            save_as=save_as or "",
+            sha256=sha256 or "",
+        )
         with engine_errors():
             jid, _token = studio.submit_download(values, owner=username(request))
         yield {"job_id": jid, "status": "queued"}, f"**queued** · job `{jid}`"
@@ -91,18 +116,27 @@ def build(ctx: UIContext) -> None:
                 raise gr.Error(f"download {event['type']}: {event.get('error', '')}", title="Download failed")
 
     result = gr.JSON(visible=False)
-    download.click(download_model, [repo_id, filename, revision, url, kind, save_as, sha256],
-                   [result, download_status], api_name="download_model", concurrency_id=JOBS_CONCURRENCY_ID,
-                   concurrency_limit=ctx.settings.max_queue)  # fmt: skip
+    download.click(
+        download_model,
+        [repo_id, filename, revision, url, kind, save_as, sha256],
+        [result, download_status],
+        api_name="download_model",
+        concurrency_id=JOBS_CONCURRENCY_ID,
+        concurrency_limit=ctx.settings.max_queue,
+    )
 
     with gr.Accordion("ComfyUI servers and workflows", open=False):
         servers = gr.JSON(label="Servers (--comfyui-urls): healthy, jobs in flight, limit, last error")
         servers_refresh = gr.Button("Check servers", size="sm")
         with gr.Row():
-            workflow_file = gr.File(label="Workflow (ComfyUI: Save (API format))", file_types=[".json"],
-                                    type="filepath")  # fmt: skip
-            manifest_text = gr.Code(label="Manifest (name, kind, family, bindings, outputs, lora_stack)",
-                                    language="json", value="")  # fmt: skip
+            workflow_file = gr.File(
+                label="Workflow (ComfyUI: Save (API format))", file_types=[".json"], type="filepath"
+            )
+            manifest_text = gr.Code(
+                label="Manifest (name, kind, family, bindings, outputs, lora_stack)",
+                language="json",
+                value="",
+            )
         overwrite = gr.Checkbox(value=False, label="Replace a workflow of the same name")
         add_workflow = gr.Button("Add workflow", size="sm")
         workflow_status = gr.Markdown()
@@ -121,5 +155,9 @@ def build(ctx: UIContext) -> None:
         return f"**added** `{added['name']}` ({added['kind']}): binds {', '.join(added['bindings'])}"
 
     servers_refresh.click(check_servers, None, [servers], **PRIVATE)
-    add_workflow.click(add_comfy_workflow, [workflow_file, manifest_text, overwrite], [workflow_status],
-                       api_name="add_comfy_workflow")  # fmt: skip
+    add_workflow.click(
+        add_comfy_workflow,
+        [workflow_file, manifest_text, overwrite],
+        [workflow_status],
+        api_name="add_comfy_workflow",
+    )

@@ -10,17 +10,23 @@ from ui.send import form_targets, form_updates
 
 
 def build(ctx: UIContext) -> None:
-    from engine.pnginfo import read_image_metadata
+    from engine.gallery.pnginfo import read_image_metadata
 
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Image (PNG, JPEG or WebP)", type="filepath", sources=["upload", "clipboard"],
-                             format="png", elem_id="pnginfo_image")  # fmt: skip
+            image = gr.Image(
+                label="Image (PNG, JPEG or WebP)",
+                type="filepath",
+                sources=["upload", "clipboard"],
+                format="png",
+                elem_id="pnginfo_image",
+            )
             send = gr.Button("Send to Generate", variant="primary", elem_id="pnginfo_send")
         with gr.Column():
             source = gr.Markdown(elem_id="pnginfo_source")
-            infotext = gr.Textbox(label="Parameters (A1111 infotext)", lines=6, buttons=["copy"],
-                                  elem_id="pnginfo_infotext")  # fmt: skip
+            infotext = gr.Textbox(
+                label="Parameters (A1111 infotext)", lines=6, buttons=["copy"], elem_id="pnginfo_infotext"
+            )
             unmapped = gr.Textbox(label="Not mapped", lines=2)
             details = gr.JSON(label="Parameters as StudioNOVA reads them")
 
@@ -32,8 +38,14 @@ def build(ctx: UIContext) -> None:
             raise gr.Error("give an image file", title="Invalid input")
         with engine_errors():
             meta = read_image_metadata(image)
-        return {"source": meta.source, "params": meta.params, "infotext": meta.infotext,
-                "unmapped": meta.unmapped, "format": meta.format, "size": list(meta.size)}  # fmt: skip
+        return {
+            "source": meta.source,
+            "params": meta.params,
+            "infotext": meta.infotext,
+            "unmapped": meta.unmapped,
+            "format": meta.format,
+            "size": list(meta.size),
+        }
 
     def show(image: str | None):
         if not image:

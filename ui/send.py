@@ -7,18 +7,45 @@ from typing import Any
 import gradio as gr
 
 # Form fields filled by "reuse parameters": recipe/PNG-info params with these names go straight in.
-REUSED = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "width", "height", "sampler", "model", "loras",
-          "clip_skip", "denoising_strength", "enable_hr", "hr_scale", "hr_upscaler", "hr_second_pass_steps",
-          "hr_denoising_strength", "subseed", "subseed_strength", "vae", "styles", "refiner", "refiner_switch_at",
-          "mask_blur", "inpaint_only_masked", "inpaint_padding", "masked_content", "character")  # fmt: skip
+REUSED = (
+    "prompt",
+    "negative_prompt",
+    "seed",
+    "steps",
+    "cfg_scale",
+    "width",
+    "height",
+    "sampler",
+    "model",
+    "loras",
+    "clip_skip",
+    "denoising_strength",
+    "enable_hr",
+    "hr_scale",
+    "hr_upscaler",
+    "hr_second_pass_steps",
+    "hr_denoising_strength",
+    "subseed",
+    "subseed_strength",
+    "vae",
+    "styles",
+    "refiner",
+    "refiner_switch_at",
+    "mask_blur",
+    "inpaint_only_masked",
+    "inpaint_padding",
+    "masked_content",
+    "character",
+)
 
 
 def form_targets(form: dict[str, Any]) -> list:
     return [form[name] for name in REUSED if name in form] + [form["init_image"], form["mask_image"]]
 
 
-def form_updates(form: dict[str, Any], params: dict[str, Any], init_image: str | None = None,
-                 clear_init: bool = True) -> list:  # fmt: skip
+def form_updates(
+    form: dict[str, Any], params: dict[str, Any], init_image: str | None = None, clear_init: bool = True
+) -> list:
     """Values in form_targets order; fields the params do not mention keep what the user has."""
     out = []
     for name in REUSED:

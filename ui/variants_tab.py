@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from engine.variants import SIZES
+from engine.media.variants import SIZES
 from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username
 
 PLAN_COLUMNS = ["#", "video", "audio", "hook"]
@@ -34,8 +34,13 @@ def build(ctx: UIContext) -> None:
             colls("video"), multiselect=True, allow_custom_value=True, label="Video collections"
         )
     with gr.Row():
-        audios = gr.Dropdown(media("audio"), multiselect=True, allow_custom_value=True, label="Audios (empty = keep the clip's audio)",
-                             elem_id="v_audios")  # fmt: skip
+        audios = gr.Dropdown(
+            media("audio"),
+            multiselect=True,
+            allow_custom_value=True,
+            label="Audios (empty = keep the clip's audio)",
+            elem_id="v_audios",
+        )
         audio_collections = gr.Dropdown(
             colls("audio"), multiselect=True, allow_custom_value=True, label="Audio collections"
         )
@@ -47,8 +52,12 @@ def build(ctx: UIContext) -> None:
             lib.hook_categories(), multiselect=True, allow_custom_value=True, label="Hook categories"
         )
     with gr.Row():
-        mode = gr.Radio(["round-robin", "random", "cartesian"], value="round-robin", label="Mode",
-                        info="round-robin: each video cycles through audios and hooks in order")  # fmt: skip
+        mode = gr.Radio(
+            ["round-robin", "random", "cartesian"],
+            value="round-robin",
+            label="Mode",
+            info="round-robin: each video cycles through audios and hooks in order",
+        )
         per_video = gr.Number(value=1, precision=0, minimum=1, maximum=50, label="Variants per video")
         seed = gr.Number(value=0, precision=0, minimum=0, label="Seed (random mode)")
         limit = gr.Number(value=100, precision=0, minimum=1, maximum=2000, label="Limit")
@@ -85,13 +94,32 @@ def build(ctx: UIContext) -> None:
     archive = gr.File(label="Batch ZIP", elem_id="v_zip")
     batch = gr.JSON(visible=False)
 
-    fields = dict(videos=videos, video_collections=video_collections, audios=audios,
-                  audio_collections=audio_collections, hooks=hooks, hook_categories=hook_categories, mode=mode,
-                  per_video=per_video, seed=seed, limit=limit, audio_mode=audio_mode, audio_volume=audio_volume,
-                  fade_out_s=fade_out_s, hook_position=hook_position, hook_start=hook_start,
-                  hook_duration=hook_duration, margin=margin, font_size=font_size, color=color,
-                  outline_color=outline_color, outline_width=outline_width, output_size=output_size, fit=fit,
-                  expire_hours=expire_hours)  # fmt: skip
+    fields = dict(
+        videos=videos,
+        video_collections=video_collections,
+        audios=audios,
+        audio_collections=audio_collections,
+        hooks=hooks,
+        hook_categories=hook_categories,
+        mode=mode,
+        per_video=per_video,
+        seed=seed,
+        limit=limit,
+        audio_mode=audio_mode,
+        audio_volume=audio_volume,
+        fade_out_s=fade_out_s,
+        hook_position=hook_position,
+        hook_start=hook_start,
+        hook_duration=hook_duration,
+        margin=margin,
+        font_size=font_size,
+        color=color,
+        outline_color=outline_color,
+        outline_width=outline_width,
+        output_size=output_size,
+        fit=fit,
+        expire_hours=expire_hours,
+    )
     names = list(fields)
     inputs = [fields[n] for n in names]
 
@@ -106,15 +134,32 @@ def build(ctx: UIContext) -> None:
             out[name] = value
         return out
 
-    def preview_variants(videos: list[str] | None = None, video_collections: list[str] | None = None,
-                         audios: list[str] | None = None, audio_collections: list[str] | None = None,
-                         hooks: list[str] | None = None, hook_categories: list[str] | None = None,
-                         mode: str = "round-robin", per_video: float = 1, seed: float = 0, limit: float = 100,
-                         audio_mode: str = "replace", audio_volume: float = 1.0, fade_out_s: float = 0.5,
-                         hook_position: str = "bottom", hook_start: float = 0, hook_duration: float = 0,
-                         margin: float = 0.08, font_size: float = 0, color: str = "#ffffff",
-                         outline_color: str = "#000000", outline_width: float = 3, output_size: str = "",
-                         fit: str = "crop", expire_hours: float = 24) -> dict:  # fmt: skip
+    def preview_variants(
+        videos: list[str] | None = None,
+        video_collections: list[str] | None = None,
+        audios: list[str] | None = None,
+        audio_collections: list[str] | None = None,
+        hooks: list[str] | None = None,
+        hook_categories: list[str] | None = None,
+        mode: str = "round-robin",
+        per_video: float = 1,
+        seed: float = 0,
+        limit: float = 100,
+        audio_mode: str = "replace",
+        audio_volume: float = 1.0,
+        fade_out_s: float = 0.5,
+        hook_position: str = "bottom",
+        hook_start: float = 0,
+        hook_duration: float = 0,
+        margin: float = 0.08,
+        font_size: float = 0,
+        color: str = "#ffffff",
+        outline_color: str = "#000000",
+        outline_width: float = 3,
+        output_size: str = "",
+        fit: str = "crop",
+        expire_hours: float = 24,
+    ) -> dict:
         """How many variants the selection makes, and which (video, audio, hook), without rendering."""
         with engine_errors():
             return studio.preview_variants(values_of(locals()))
@@ -124,15 +169,33 @@ def build(ctx: UIContext) -> None:
         rows = [[v["index"] + 1, v["video"], v["audio"], v["hook"]] for v in plan["variants"]]
         return rows, f"**{plan['count']} variant(s)** · {plan['mode']}"
 
-    def make_variants(videos: list[str] | None = None, video_collections: list[str] | None = None,
-                      audios: list[str] | None = None, audio_collections: list[str] | None = None,
-                      hooks: list[str] | None = None, hook_categories: list[str] | None = None,
-                      mode: str = "round-robin", per_video: float = 1, seed: float = 0, limit: float = 100,
-                      audio_mode: str = "replace", audio_volume: float = 1.0, fade_out_s: float = 0.5,
-                      hook_position: str = "bottom", hook_start: float = 0, hook_duration: float = 0,
-                      margin: float = 0.08, font_size: float = 0, color: str = "#ffffff",
-                      outline_color: str = "#000000", outline_width: float = 3, output_size: str = "",
-                      fit: str = "crop", expire_hours: float = 24, request: gr.Request = None) -> dict:  # fmt: skip
+    def make_variants(
+        videos: list[str] | None = None,
+        video_collections: list[str] | None = None,
+        audios: list[str] | None = None,
+        audio_collections: list[str] | None = None,
+        hooks: list[str] | None = None,
+        hook_categories: list[str] | None = None,
+        mode: str = "round-robin",
+        per_video: float = 1,
+        seed: float = 0,
+        limit: float = 100,
+        audio_mode: str = "replace",
+        audio_volume: float = 1.0,
+        fade_out_s: float = 0.5,
+        hook_position: str = "bottom",
+        hook_start: float = 0,
+        hook_duration: float = 0,
+        margin: float = 0.08,
+        font_size: float = 0,
+        color: str = "#ffffff",
+        outline_color: str = "#000000",
+        outline_width: float = 3,
+        output_size: str = "",
+        fit: str = "crop",
+        expire_hours: float = 24,
+        request: gr.Request = None,
+    ) -> dict:
         """Queue a batch of variants; returns its batch id (a job id: follow it with /job_status, fetch the
         ZIP with /batch_zip) and a cancel token."""
         values = values_of(locals())
@@ -155,8 +218,11 @@ def build(ctx: UIContext) -> None:
                 yield list(done), msg, gr.skip()
             elif event["type"] == "done":
                 res = event["result"]
-                yield (list(done), f"**done** · {res['ok']} ok, {res['failed']} failed · expires {res['expires_at']}",
-                       str(outputs_dir / res["zip"]))  # fmt: skip
+                yield (
+                    list(done),
+                    f"**done** · {res['ok']} ok, {res['failed']} failed · expires {res['expires_at']}",
+                    str(outputs_dir / res["zip"]),
+                )
             elif event["type"] in ("failed", "cancelled", "interrupted"):
                 yield list(done), f"**{event['type']}** {event.get('error', '')}", gr.skip()
 
@@ -175,16 +241,30 @@ def build(ctx: UIContext) -> None:
             return studio.cancel(info["batch_id"], None, info.get("cancel_token"))
 
     def refresh_lists():
-        return (gr.Dropdown(choices=media("video")), gr.Dropdown(choices=colls("video")),
-                gr.Dropdown(choices=media("audio")), gr.Dropdown(choices=colls("audio")),
-                gr.Dropdown(choices=hook_choices()), gr.Dropdown(choices=lib.hook_categories()))  # fmt: skip
+        return (
+            gr.Dropdown(choices=media("video")),
+            gr.Dropdown(choices=colls("video")),
+            gr.Dropdown(choices=media("audio")),
+            gr.Dropdown(choices=colls("audio")),
+            gr.Dropdown(choices=hook_choices()),
+            gr.Dropdown(choices=lib.hook_categories()),
+        )
 
     preview_json = gr.JSON(visible=False)
     preview_btn.click(preview_variants, inputs, [preview_json], api_name="preview_variants")
     preview_btn.click(show_plan, inputs, [plan_table, progress_md], **PRIVATE)
     make_btn.click(make_variants, inputs, [batch], api_name="make_variants").then(
-        follow, [batch], [outputs, progress_md, archive], concurrency_id=JOBS_CONCURRENCY_ID,
-        concurrency_limit=ctx.settings.max_queue, **PRIVATE)  # fmt: skip
+        follow,
+        [batch],
+        [outputs, progress_md, archive],
+        concurrency_id=JOBS_CONCURRENCY_ID,
+        concurrency_limit=ctx.settings.max_queue,
+        **PRIVATE,
+    )
     cancel_btn.click(cancel, [batch], [progress_md], **PRIVATE)
-    refresh.click(refresh_lists, None, [videos, video_collections, audios, audio_collections, hooks,
-                                        hook_categories], **PRIVATE)  # fmt: skip
+    refresh.click(
+        refresh_lists,
+        None,
+        [videos, video_collections, audios, audio_collections, hooks, hook_categories],
+        **PRIVATE,
+    )

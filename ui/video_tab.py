@@ -1,4 +1,4 @@
-"""Video tab: image-to-video, text-to-video (families from engine.video's registry) and camera-motion clips.
+"""Video tab: image-to-video, text-to-video (families from engine.video.generate's registry) and camera-motion clips.
 
 `/generate_video` runs one job and returns the MP4 (recipe in its metadata) and a summary; `/video_models`
 lists the video models found with their family and modes, `/video_families` the registry's rules.
@@ -10,9 +10,9 @@ import inspect
 
 import gradio as gr
 
+from engine.media.ffmpeg import VIDEO_SUFFIXES
 from engine.media.motion import MOVES
-from engine.upscale_job import VIDEO_SUFFIXES
-from engine.video_job import VIDEO_MODES
+from engine.video.job import VIDEO_MODES
 from ui.common import (
     JOBS_CONCURRENCY_ID,
     PRIVATE,
@@ -33,33 +33,70 @@ def build(ctx: UIContext) -> dict:
 
     with gr.Row():
         with gr.Column(scale=3):
-            mode = gr.Radio(list(VIDEO_MODES), value="camera", label="Mode", elem_id="video_mode",
-                            info="camera: a camera move over a still (no weights needed)")  # fmt: skip
+            mode = gr.Radio(
+                list(VIDEO_MODES),
+                value="camera",
+                label="Mode",
+                elem_id="video_mode",
+                info="camera: a camera move over a still (no weights needed)",
+            )
             with gr.Row():
-                model = gr.Dropdown(["", *model_names()], value="", label="Video model (img2video / txt2video)",
-                                    allow_custom_value=True, elem_id="video_model", scale=3)  # fmt: skip
-                base_model = gr.Dropdown(["", *[n for _, n in studio.model_choices()]], value="",
-                                         label="AnimateDiff base (SD1.5)", allow_custom_value=True)  # fmt: skip
+                model = gr.Dropdown(
+                    ["", *model_names()],
+                    value="",
+                    label="Video model (img2video / txt2video)",
+                    allow_custom_value=True,
+                    elem_id="video_model",
+                    scale=3,
+                )
+                base_model = gr.Dropdown(
+                    ["", *[n for _, n in studio.model_choices()]],
+                    value="",
+                    label="AnimateDiff base (SD1.5)",
+                    allow_custom_value=True,
+                )
                 refresh = gr.Button("🔄", size="sm", scale=0, min_width=40)
             prompt = gr.Textbox(label="Prompt", value="", lines=2, elem_id="video_prompt")
             negative = gr.Textbox(label="Negative prompt", value="")
             with gr.Row():
-                image = gr.Image(label="First frame (img2video, camera)", type="filepath", sources=["upload"],
-                                 elem_id="video_image", height=200)  # fmt: skip
+                image = gr.Image(
+                    label="First frame (img2video, camera)",
+                    type="filepath",
+                    sources=["upload"],
+                    elem_id="video_image",
+                    height=200,
+                )
                 with gr.Column():
-                    generation_id = gr.Textbox(label="…or a gallery generation id", value="",
-                                               elem_id="video_generation_id")  # fmt: skip
-                    first_frame_prompt = gr.Textbox(label="…or generate the first frame from this prompt", value="",
-                                                    elem_id="video_first_prompt")  # fmt: skip
-                    first_frame_model = gr.Dropdown(["", *[n for _, n in studio.model_choices()]], value="",
-                                                    label="First-frame model (empty = default)",
-                                                    allow_custom_value=True)  # fmt: skip
+                    generation_id = gr.Textbox(
+                        label="…or a gallery generation id", value="", elem_id="video_generation_id"
+                    )
+                    first_frame_prompt = gr.Textbox(
+                        label="…or generate the first frame from this prompt",
+                        value="",
+                        elem_id="video_first_prompt",
+                    )
+                    first_frame_model = gr.Dropdown(
+                        ["", *[n for _, n in studio.model_choices()]],
+                        value="",
+                        label="First-frame model (empty = default)",
+                        allow_custom_value=True,
+                    )
             with gr.Row():
-                frames = gr.Number(value=0, precision=0, minimum=0, maximum=1000, label="Frames (0 = default)")
-                fps = gr.Number(value=0, precision=0, minimum=0, maximum=60, label="FPS (0 = default)",
-                                elem_id="video_fps")  # fmt: skip
+                frames = gr.Number(
+                    value=0, precision=0, minimum=0, maximum=1000, label="Frames (0 = default)"
+                )
+                fps = gr.Number(
+                    value=0,
+                    precision=0,
+                    minimum=0,
+                    maximum=60,
+                    label="FPS (0 = default)",
+                    elem_id="video_fps",
+                )
                 width = gr.Number(value=0, precision=0, minimum=0, maximum=4096, label="Width (0 = default)")
-                height = gr.Number(value=0, precision=0, minimum=0, maximum=4096, label="Height (0 = default)")
+                height = gr.Number(
+                    value=0, precision=0, minimum=0, maximum=4096, label="Height (0 = default)"
+                )
             with gr.Row():
                 steps = gr.Number(value=0, precision=0, minimum=0, maximum=150, label="Steps (0 = default)")
                 cfg = gr.Number(value=0, minimum=0, maximum=30, label="CFG (0 = default)")
@@ -67,16 +104,29 @@ def build(ctx: UIContext) -> dict:
                 motion = gr.Slider(0, 1, value=0.5, step=0.05, label="Motion strength (SVD)")
             with gr.Row():
                 loras = gr.Textbox(label="LoRAs (AnimateDiff; name:weight, ...)", value="")
-                decode_chunk = gr.Number(value=0, precision=0, minimum=0, maximum=64,
-                                         label="Decode chunk (SVD; 0 = auto)")  # fmt: skip
+                decode_chunk = gr.Number(
+                    value=0, precision=0, minimum=0, maximum=64, label="Decode chunk (SVD; 0 = auto)"
+                )
             with gr.Accordion("Camera motion", open=True), gr.Row():
-                moves = gr.Dropdown(list(MOVES), value=["zoom_in"], multiselect=True, label="Moves",
-                                    allow_custom_value=True, elem_id="video_moves")  # fmt: skip
+                moves = gr.Dropdown(
+                    list(MOVES),
+                    value=["zoom_in"],
+                    multiselect=True,
+                    label="Moves",
+                    allow_custom_value=True,
+                    elem_id="video_moves",
+                )
                 strength = gr.Slider(0.05, 1.0, value=0.25, step=0.05, label="Camera strength")
-                duration = gr.Number(value=4.0, minimum=0.5, maximum=120, label="Seconds",
-                                     elem_id="video_duration")  # fmt: skip
-            interpolate = gr.Number(value=0, precision=0, minimum=0, maximum=120,
-                                    label="Interpolate to fps (ffmpeg motion interpolation; 0 = off)")  # fmt: skip
+                duration = gr.Number(
+                    value=4.0, minimum=0.5, maximum=120, label="Seconds", elem_id="video_duration"
+                )
+            interpolate = gr.Number(
+                value=0,
+                precision=0,
+                minimum=0,
+                maximum=120,
+                label="Interpolate to fps (ffmpeg motion interpolation; 0 = off)",
+            )
             with gr.Row():
                 go = gr.Button("Generate video", variant="primary", elem_id="video_go")
                 stop = gr.Button("Cancel", variant="stop", size="sm")
@@ -91,34 +141,82 @@ def build(ctx: UIContext) -> dict:
             with gr.Accordion("Families", open=False):
                 families = gr.JSON(studio.video_families(), label="Video families")
 
-    for component, name in ((frames, "frames"), (fps, "fps"), (width, "width"), (height, "height"),
-                            (steps, "steps"), (cfg, "cfg_scale"), (motion, "motion_strength"),
-                            (decode_chunk, "decode_chunk_size"), (strength, "camera_strength"),
-                            (duration, "duration"), (interpolate, "interpolate_fps")):
+    for component, name in (
+        (frames, "frames"),
+        (fps, "fps"),
+        (width, "width"),
+        (height, "height"),
+        (steps, "steps"),
+        (cfg, "cfg_scale"),
+        (motion, "motion_strength"),
+        (decode_chunk, "decode_chunk_size"),
+        (strength, "camera_strength"),
+        (duration, "duration"),
+        (interpolate, "interpolate_fps"),
+    ):
         name_range_errors(component, name)
 
-    def generate_video(mode: str = "camera", model: str = "", base_model: str = "", prompt: str = "",
-                       negative_prompt: str = "", image: str | None = None, generation_id: str = "",
-                       first_frame_prompt: str = "", first_frame_model: str = "", frames: float = 0, fps: float = 0, width: float = 0,
-                       height: float = 0, steps: float = 0, cfg_scale: float = 0, seed: float = -1,
-                       motion_strength: float = 0.5, loras: str = "", decode_chunk_size: float = 0,
-                       camera_moves: list[str] | None = None, camera_strength: float = 0.25, duration: float = 4.0,
-                       interpolate_fps: float = 0, request: gr.Request = None, progress=gr.Progress()):  # fmt: skip
+    def generate_video(
+        mode: str = "camera",
+        model: str = "",
+        base_model: str = "",
+        prompt: str = "",
+        negative_prompt: str = "",
+        image: str | None = None,
+        generation_id: str = "",
+        first_frame_prompt: str = "",
+        first_frame_model: str = "",
+        frames: float = 0,
+        fps: float = 0,
+        width: float = 0,
+        height: float = 0,
+        steps: float = 0,
+        cfg_scale: float = 0,
+        seed: float = -1,
+        motion_strength: float = 0.5,
+        loras: str = "",
+        decode_chunk_size: float = 0,
+        camera_moves: list[str] | None = None,
+        camera_strength: float = 0.25,
+        duration: float = 4.0,
+        interpolate_fps: float = 0,
+        request: gr.Request = None,
+        progress=gr.Progress(),
+    ):
         """Make a clip. mode img2video (SVD, LTX-Video; first frame from image, generation_id or
         first_frame_prompt with first_frame_model), txt2video (LTX-Video, AnimateDiff on base_model with loras) or camera (a camera
         move over the first frame, no weights). 0 = the family's default for frames, fps, size, steps, cfg.
         Returns the MP4 (H.264, recipe in its metadata) and a summary (generation id, frames, fps, size)."""
-        moves = camera_moves if isinstance(camera_moves, list) else [m for m in str(camera_moves or "").split("+") if m]
-        values = dict(mode=mode or "camera", model=model or "", base_model=base_model or "", prompt=prompt or "",
-                      negative_prompt=negative_prompt or "", image=image or None, generation_id=generation_id or "",
-                      first_frame_prompt=first_frame_prompt or "", first_frame_model=first_frame_model or "",
-                      frames=int(frames or 0), fps=int(fps or 0),
-                      width=int(width or 0), height=int(height or 0), steps=int(steps or 0),
-                      cfg_scale=float(cfg_scale or 0), seed=int(seed if seed is not None else -1),
-                      motion_strength=float(motion_strength), loras=loras or "",
-                      decode_chunk_size=int(decode_chunk_size or 0), camera_moves="+".join(moves) or "static",
-                      camera_strength=float(camera_strength), duration=float(4.0 if duration is None else duration),
-                      interpolate_fps=int(interpolate_fps or 0))  # fmt: skip
+        moves = (
+            camera_moves
+            if isinstance(camera_moves, list)
+            else [m for m in str(camera_moves or "").split("+") if m]
+        )
+        values = dict(
+            mode=mode or "camera",
+            model=model or "",
+            base_model=base_model or "",
+            prompt=prompt or "",
+            negative_prompt=negative_prompt or "",
+            image=image or None,
+            generation_id=generation_id or "",
+            first_frame_prompt=first_frame_prompt or "",
+            first_frame_model=first_frame_model or "",
+            frames=int(frames or 0),
+            fps=int(fps or 0),
+            width=int(width or 0),
+            height=int(height or 0),
+            steps=int(steps or 0),
+            cfg_scale=float(cfg_scale or 0),
+            seed=int(seed if seed is not None else -1),
+            motion_strength=float(motion_strength),
+            loras=loras or "",
+            decode_chunk_size=int(decode_chunk_size or 0),
+            camera_moves="+".join(moves) or "static",
+            camera_strength=float(camera_strength),
+            duration=float(4.0 if duration is None else duration),
+            interpolate_fps=int(interpolate_fps or 0),
+        )
         with engine_errors():
             jid, token = studio.submit_video(values, owner=username(request))
         yield None, {"job_id": jid}, "", jid, token, f"**queued** · job `{jid}`"
@@ -127,24 +225,54 @@ def build(ctx: UIContext) -> dict:
                 progress((event["step"], event["total"]), desc=event.get("desc", ""))
             elif event["type"] == "done":
                 res = event["result"]
-                yield (str(outputs_dir / res["file"]), {"job_id": jid, **res}, res["generation_id"], jid, token,
-                       f"**succeeded** · {res['frames']} frames at {res['fps']:g} fps, {res['width']}x{res['height']}")  # fmt: skip
+                yield (
+                    str(outputs_dir / res["file"]),
+                    {"job_id": jid, **res},
+                    res["generation_id"],
+                    jid,
+                    token,
+                    f"**succeeded** · {res['frames']} frames at {res['fps']:g} fps, {res['width']}x{res['height']}",
+                )
             elif event["type"] == "cancelled":
                 yield None, {"job_id": jid, "status": "cancelled"}, "", jid, token, "**cancelled**"
                 return
             elif event["type"] in ("failed", "interrupted"):
                 raise gr.Error(f"job {jid} {event['type']}: {event.get('error', '')}", title="Video failed")
 
-    fields = dict(mode=mode, model=model, base_model=base_model, prompt=prompt, negative_prompt=negative, image=image,
-                  generation_id=generation_id, first_frame_prompt=first_frame_prompt,
-                  first_frame_model=first_frame_model, frames=frames, fps=fps,
-                  width=width, height=height, steps=steps, cfg_scale=cfg, seed=seed, motion_strength=motion,
-                  loras=loras, decode_chunk_size=decode_chunk, camera_moves=moves, camera_strength=strength,
-                  duration=duration, interpolate_fps=interpolate)  # fmt: skip
+    fields = dict(
+        mode=mode,
+        model=model,
+        base_model=base_model,
+        prompt=prompt,
+        negative_prompt=negative,
+        image=image,
+        generation_id=generation_id,
+        first_frame_prompt=first_frame_prompt,
+        first_frame_model=first_frame_model,
+        frames=frames,
+        fps=fps,
+        width=width,
+        height=height,
+        steps=steps,
+        cfg_scale=cfg,
+        seed=seed,
+        motion_strength=motion,
+        loras=loras,
+        decode_chunk_size=decode_chunk,
+        camera_moves=moves,
+        camera_strength=strength,
+        duration=duration,
+        interpolate_fps=interpolate,
+    )
     inputs = [fields[name] for name in inspect.signature(generate_video).parameters if name in fields]
-    go.click(generate_video, inputs, [result, summary, result_id, job_id, cancel_token, status],
-             api_name="generate_video", concurrency_limit=ctx.settings.max_queue,
-             concurrency_id=JOBS_CONCURRENCY_ID)  # fmt: skip
+    go.click(
+        generate_video,
+        inputs,
+        [result, summary, result_id, job_id, cancel_token, status],
+        api_name="generate_video",
+        concurrency_limit=ctx.settings.max_queue,
+        concurrency_id=JOBS_CONCURRENCY_ID,
+    )
     wire_job_controls(ctx, stop, job_id, cancel_token, status)
 
     def video_models() -> list[dict]:
@@ -160,14 +288,25 @@ def build(ctx: UIContext) -> dict:
 
     hidden = gr.JSON(visible=False)
     refresh.click(video_models, None, [hidden], api_name="video_models")
-    refresh.click(lambda: (gr.update(choices=["", *model_names()]),
-                           gr.update(choices=["", *[n for _, n in studio.model_choices()]]),
-                           gr.update(choices=["", *[n for _, n in studio.model_choices()]])), None,
-                  [model, base_model, first_frame_model], **PRIVATE)  # fmt: skip
+    refresh.click(
+        lambda: (
+            gr.update(choices=["", *model_names()]),
+            gr.update(choices=["", *[n for _, n in studio.model_choices()]]),
+            gr.update(choices=["", *[n for _, n in studio.model_choices()]]),
+        ),
+        None,
+        [model, base_model, first_frame_model],
+        **PRIVATE,
+    )
     families_btn = gr.Button(visible=False)
     families_btn.click(video_families, None, [families], api_name="video_families")
-    return {"send_upscale": send_upscale, "generation_id": result_id, "image": image,
-            "generation_input": generation_id, "mode": mode}
+    return {
+        "send_upscale": send_upscale,
+        "generation_id": result_id,
+        "image": image,
+        "generation_input": generation_id,
+        "mode": mode,
+    }
 
 
 def wire_first_frame(ctx: UIContext, video_tab: dict, gallery: dict | None) -> None:
@@ -183,6 +322,9 @@ def wire_first_frame(ctx: UIContext, video_tab: dict, gallery: dict | None) -> N
         # the gallery image replaces an uploaded one, and needs a mode that takes a first frame
         return generation_id, None, "img2video" if mode == "txt2video" else mode, gr.Tabs(selected="video")
 
-    gallery["send_video"].click(send, [gallery["selected"], video_tab["mode"], gallery["detail"]],
-                                [video_tab["generation_input"], video_tab["image"], video_tab["mode"], ctx.tabs],
-                                **PRIVATE)  # fmt: skip
+    gallery["send_video"].click(
+        send,
+        [gallery["selected"], video_tab["mode"], gallery["detail"]],
+        [video_tab["generation_input"], video_tab["image"], video_tab["mode"], ctx.tabs],
+        **PRIVATE,
+    )

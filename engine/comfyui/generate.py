@@ -18,7 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from engine.comfyui.client import ComfyConnectionError
+from engine.comfyui.pool import ComfyPool, NoServerError, parse_server_spec
+from engine.comfyui.templates import bind, list_templates, user_templates_dir, validate_against_object_info
 from engine.errors import InputError
+from engine.generation.generate import apply_styles, generate_images, save_generated
+from engine.generation.modes import open_image
+from engine.generation.prompts import extract_lora_tags
+from engine.generation.request import GenerateResult
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +55,20 @@ def comfy_unsupported(req) -> list[str]:
 def check_comfy_request(req, settings, data_dir: Path) -> None:
     """Before a job exists: servers configured, a template for the mode, nothing the templates cannot do."""
     if not settings.comfyui_urls.strip():
-        raise InputError("engine='comfyui' needs at least one ComfyUI server: start with --comfyui-urls "
-                         "http://127.0.0.1:8188 (or set STUDIONOVA_COMFYUI_URLS)")  # fmt: skip
+        raise InputError(
+            "engine='comfyui' needs at least one ComfyUI server: start with --comfyui-urls "
+            "http://127.0.0.1:8188 (or set STUDIONOVA_COMFYUI_URLS)"
+        )
     unsupported = comfy_unsupported(req)
     if unsupported:
-        raise InputError(f"engine='comfyui' does not support {', '.join(unsupported)} yet; turn them off or use "
-                         "engine='local'")  # fmt: skip
+        raise InputError(
+            f"engine='comfyui' does not support {', '.join(unsupported)} yet; turn them off or use "
+            "engine='local'"
+        )
     template_for(req, data_dir)
 
 
 def templates(data_dir: Path) -> dict:
-    from engine.comfyui.templates import list_templates, user_templates_dir
-
     return list_templates([SHIPPED_WORKFLOWS, user_templates_dir(data_dir)])
 
 
@@ -67,19 +76,20 @@ def template_for(req, data_dir: Path):
     available = templates(data_dir)
     name = req.comfy_template or DEFAULT_TEMPLATES.get(req.mode, "")
     if name not in available:
-        raise InputError(f"comfy_template={name!r} is not a workflow template; available: "
-                         f"{', '.join(sorted(available))}")  # fmt: skip
+        raise InputError(
+            f"comfy_template={name!r} is not a workflow template; available: {', '.join(sorted(available))}"
+        )
     template = available[name]
     kind = template.manifest.kind
     if kind != req.mode and not (req.mode == "txt2img" and kind == "txt2img"):
-        raise InputError(f"template {name!r} is {kind}, the request is {req.mode} (init_image/mask_image decide)")
+        raise InputError(
+            f"template {name!r} is {kind}, the request is {req.mode} (init_image/mask_image decide)"
+        )
     return template
 
 
 def pool_for(settings):
     """One pool per server list, shared by every job of the process (its in-flight counts are global)."""
-    from engine.comfyui.pool import ComfyPool, parse_server_spec
-
     key = (settings.comfyui_urls, int(settings.comfyui_max_inflight))
     with _POOLS_LOCK:
         if key not in _POOLS:
@@ -90,8 +100,6 @@ def pool_for(settings):
 def _mask_bytes(path: str, blur: int) -> bytes:
     """The mask as ComfyUI's LoadImageMask reads it (white = repaint), blurred like A1111's mask blur."""
     from PIL import Image, ImageFilter
-
-    from engine.modes import open_image
 
     mask = open_image(path, "mask_image").convert("L")
     if blur:
@@ -105,12 +113,6 @@ def run_comfy_generate(req, ctx):
     """Each batch is one prompt on the least busy healthy server; progress and previews stream to the job."""
     from PIL import Image
 
-    from engine.comfyui.client import ComfyConnectionError
-    from engine.comfyui.pool import NoServerError
-    from engine.comfyui.templates import bind, validate_against_object_info
-    from engine.generate import apply_styles, save_generated
-    from engine.requests import GenerateResult
-
     rt = ctx.runtime
     settings = rt.settings
     template = template_for(req, settings.data_dir)
@@ -122,14 +124,21 @@ def run_comfy_generate(req, ctx):
             raise
         return _fall_back_to_local(req, ctx)
     prompt, negative = apply_styles(req, rt)
-    from engine.prompts import extract_lora_tags
 
     prompt_text, negative_text = extract_lora_tags(prompt)[0], extract_lora_tags(negative)[0]
     uploads: dict[str, Any] = {}
-    params: dict[str, Any] = {"prompt": prompt_text, "negative_prompt": negative_text, "steps": req.steps,
-                              "cfg_scale": req.cfg_scale, "sampler": req.sampler, "width": req.width,
-                              "height": req.height, "batch_size": req.batch_size, "model": req.model,
-                              "loras": [{"name": s.name, "weight": s.weight} for s in req.loras]}  # fmt: skip
+    params: dict[str, Any] = {
+        "prompt": prompt_text,
+        "negative_prompt": negative_text,
+        "steps": req.steps,
+        "cfg_scale": req.cfg_scale,
+        "sampler": req.sampler,
+        "width": req.width,
+        "height": req.height,
+        "batch_size": req.batch_size,
+        "model": req.model,
+        "loras": [{"name": s.name, "weight": s.weight} for s in req.loras],
+    }
     if req.init_image:
         name = f"studionova-{ctx.job_id[:12]}-init.png"
         uploads[name] = Path(req.init_image)
@@ -157,8 +166,14 @@ def run_comfy_generate(req, ctx):
             if event["type"] == "progress" and event.get("max"):
                 done = offset + int(event["value"])
                 elapsed = time.monotonic() - started
-                ctx.emit({"step": done, "total": total, "desc": f"ComfyUI step {done}/{total}",
-                          "eta": round(elapsed / done * (total - done), 2) if done else None})  # fmt: skip
+                ctx.emit(
+                    {
+                        "step": done,
+                        "total": total,
+                        "desc": f"ComfyUI step {done}/{total}",
+                        "eta": round(elapsed / done * (total - done), 2) if done else None,
+                    }
+                )
             elif event["type"] == "preview":
                 try:
                     preview = Image.open(io.BytesIO(event["image"]))
@@ -172,38 +187,67 @@ def run_comfy_generate(req, ctx):
         with pool.acquire() as lease:
             server = lease.url
             try:
-                result = lease.client.run(graph, on_event, ctx.is_cancelled, upload=uploads or None,
-                                          extra_pnginfo={"studionova": recipe_extra})  # fmt: skip
-            except ComfyConnectionError as exc:  # skipped until it answers again; the job's retry goes elsewhere
+                result = lease.client.run(
+                    graph,
+                    on_event,
+                    ctx.is_cancelled,
+                    upload=uploads or None,
+                    extra_pnginfo={"studionova": recipe_extra},
+                )
+            except (
+                ComfyConnectionError
+            ) as exc:  # skipped until it answers again; the job's retry goes elsewhere
                 pool.mark_unhealthy(server, str(exc))
                 raise
         timings["sampling"] += time.monotonic() - t0
-        extras["comfyui"] = {"server": server, "prompt_id": result.prompt_id, "template": template.manifest.name,
-                             "workflow": graph}  # fmt: skip
+        extras["comfyui"] = {
+            "server": server,
+            "prompt_id": result.prompt_id,
+            "template": template.manifest.name,
+            "workflow": graph,
+        }
         for i, (data, _meta) in enumerate(result.images):
             image = Image.open(io.BytesIO(data))
             image.load()
-            saved.append(save_generated(req, ctx, model, extras, seed + i, image.convert("RGB"), len(saved),
-                                        extra_chunks={"prompt": json.dumps(graph)}))  # fmt: skip
+            saved.append(
+                save_generated(
+                    req,
+                    ctx,
+                    model,
+                    extras,
+                    seed + i,
+                    image.convert("RGB"),
+                    len(saved),
+                    extra_chunks={"prompt": json.dumps(graph)},
+                )
+            )
         if not result.images:
-            raise InputError(f"ComfyUI prompt {result.prompt_id} on {server} finished without images; the "
-                             f"template {template.manifest.name!r} has no image output")  # fmt: skip
-    return GenerateResult(images=saved, seed=req.seed, model=req.model, model_hash="",
-                          lora_hashes=extras["lora_hashes"], device=f"comfyui:{server}",
-                          timings=timings)  # fmt: skip
+            raise InputError(
+                f"ComfyUI prompt {result.prompt_id} on {server} finished without images; the "
+                f"template {template.manifest.name!r} has no image output"
+            )
+    return GenerateResult(
+        images=saved,
+        seed=req.seed,
+        model=req.model,
+        model_hash="",
+        lora_hashes=extras["lora_hashes"],
+        device=f"comfyui:{server}",
+        timings=timings,
+    )
 
 
 def _fall_back_to_local(req, ctx):
     """--comfyui-fallback-local: no ComfyUI server is healthy, so local diffusers renders the request (its
     model if this machine has it, else the default model); the result says so."""
-    from engine.generate import generate_images
-
     models = ctx.runtime.models.models()
     model = req.model if req.model in models else next(iter(models), "")
     if not model:
         raise InputError("no ComfyUI server is healthy and there is no local model to fall back to")
     log.warning("no healthy ComfyUI server; job %s falls back to local diffusers with %s", ctx.job_id, model)
-    ctx.emit({"step": 0, "total": req.steps * req.batch_count, "desc": "no ComfyUI server: rendering locally"})
+    ctx.emit(
+        {"step": 0, "total": req.steps * req.batch_count, "desc": "no ComfyUI server: rendering locally"}
+    )
     lock = ctx.extra.get("gpu_lock")
     if lock is None:
         result = generate_images(req.model_copy(update={"engine": "local", "model": model}), ctx)
@@ -212,3 +256,8 @@ def _fall_back_to_local(req, ctx):
             result = generate_images(req.model_copy(update={"engine": "local", "model": model}), ctx)
     result.device = f"{result.device} (fallback from comfyui)"
     return result
+
+
+def run_comfy_generate_job(req, ctx) -> dict:
+    """The "comfy_generate" job kind's runner."""
+    return run_comfy_generate(req, ctx).model_dump(mode="json")

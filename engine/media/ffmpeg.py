@@ -39,6 +39,8 @@ Fit = Literal["crop", "pad"]
 AUDIO_MODES: tuple[str, ...] = ("replace", "mix")
 OVERLAY_POSITIONS: tuple[str, ...] = ("top", "center", "bottom")
 FITS: tuple[str, ...] = ("crop", "pad")
+# Files treated as videos wherever a path could be an image or a clip (ingest, the library, upscale, video).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi")
 OUTPUT_FORMATS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
 # Codecs an MP4/MOV can carry as they are; anything else is re-encoded even without overlay/resize.
 COPYABLE_VIDEO_CODECS = frozenset({"h264", "hevc", "av1"})
@@ -234,8 +236,12 @@ def _feed(proc: subprocess.Popen, chunks: Iterable[bytes]) -> None:
             proc.stdin.close()
 
 
-def run_ffmpeg(args: list[str], timeout: float, cancelled: Callable[[], bool] | None = None,
-               stdin_chunks: Iterable[bytes] | None = None) -> None:  # fmt: skip
+def run_ffmpeg(
+    args: list[str],
+    timeout: float,
+    cancelled: Callable[[], bool] | None = None,
+    stdin_chunks: Iterable[bytes] | None = None,
+) -> None:
     """Run ffmpeg with `args` (everything after the executable) as an argv list, never a shell.
 
     Adds -nostdin/-hide_banner/-loglevel error and the input whitelists. Kills ffmpeg and waits for
@@ -245,13 +251,19 @@ def run_ffmpeg(args: list[str], timeout: float, cancelled: Callable[[], bool] | 
     """
     if not timeout > 0:
         raise InputError(f"timeout must be > 0 seconds, got {timeout!r}")
-    argv = [ffmpeg_exe(), *GLOBAL_ARGS, *_with_input_whitelists(list(args), allow_pipe=stdin_chunks is not None)]
+    argv = [
+        ffmpeg_exe(),
+        *GLOBAL_ARGS,
+        *_with_input_whitelists(list(args), allow_pipe=stdin_chunks is not None),
+    ]
     deadline = time.monotonic() + timeout
     with tempfile.TemporaryFile() as err:  # a file, not a pipe: a chatty ffmpeg can never block on it
         stdin = subprocess.PIPE if stdin_chunks is not None else subprocess.DEVNULL
         proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.DEVNULL, stderr=err)
         if stdin_chunks is not None:
-            threading.Thread(target=_feed, args=(proc, stdin_chunks), name="ffmpeg-stdin", daemon=True).start()
+            threading.Thread(
+                target=_feed, args=(proc, stdin_chunks), name="ffmpeg-stdin", daemon=True
+            ).start()
         try:
             while True:
                 try:
@@ -507,3 +519,16 @@ def render_variant(
         check_same_duration(result, video, spec.video.name, "variant")
     result.path = out
     return result
+
+
+def tag_video(path: Path, metadata: dict[str, str], cancelled=None) -> None:
+    """Set container tags by remuxing (streams copied, nothing re-encoded) over `path`, atomically."""
+    args = ["-i", media_input(path), "-map", "0", "-c", "copy", "-map_metadata", "0"]
+    for key, value in metadata.items():
+        args += ["-metadata", f"{key}={value}"]
+    with staged_output(path) as tmp:
+        run_ffmpeg(
+            [*args, "-movflags", "+faststart", "-f", "mp4", "-y", f"file:{tmp}"],
+            timeout=300,
+            cancelled=cancelled,
+        )

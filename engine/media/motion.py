@@ -17,6 +17,7 @@ from pathlib import Path
 
 from engine.artifacts import TMP_PREFIX
 from engine.errors import InputError
+from engine.media.ffmpeg import media_input, probe, run_ffmpeg, staged_output
 
 MOVES = ("static", "zoom_in", "zoom_out", "pan_left", "pan_right", "pan_up", "pan_down")
 MAX_SIDE = 3840
@@ -48,8 +49,10 @@ class MotionSpec:
             raise InputError(f"moves={bad!r}: unknown; allowed: {', '.join(MOVES)} (combine with +)")
         if "zoom_in" in self.moves and "zoom_out" in self.moves:
             raise InputError("moves: zoom_in and zoom_out cannot be combined")
-        if len({m for m in self.moves if m in ("pan_left", "pan_right")}) > 1 or \
-                len({m for m in self.moves if m in ("pan_up", "pan_down")}) > 1:  # fmt: skip
+        if (
+            len({m for m in self.moves if m in ("pan_left", "pan_right")}) > 1
+            or len({m for m in self.moves if m in ("pan_up", "pan_down")}) > 1
+        ):
             raise InputError("moves: opposite pans (left+right, up+down) cannot be combined")
         if not 0.05 <= float(self.strength) <= 1.0:
             raise InputError(f"strength={self.strength!r} must be between 0.05 and 1")
@@ -114,12 +117,11 @@ def _frames(image, boxes, size: tuple[int, int]) -> Iterator[bytes]:
         yield image.transform(size, Image.Transform.EXTENT, box, resample=Image.Resampling.BICUBIC).tobytes()
 
 
-def render_motion(spec: MotionSpec, out: Path, timeout: float = 600,
-                  cancelled: Callable[[], bool] | None = None):  # fmt: skip
+def render_motion(
+    spec: MotionSpec, out: Path, timeout: float = 600, cancelled: Callable[[], bool] | None = None
+):
     """Write the clip (H.264 MP4, no audio) to `out` atomically; returns its MediaInfo."""
     from PIL import Image
-
-    from engine.media.ffmpeg import probe, run_ffmpeg, staged_output
 
     try:
         with Image.open(spec.image) as im:
@@ -131,23 +133,52 @@ def render_motion(spec: MotionSpec, out: Path, timeout: float = 600,
         raise InputError(f"{spec.image.name}: {iw}x{ih} is too small; at least 16x16")
     size = spec.size or (min(iw, MAX_SIDE) // 2 * 2, min(ih, MAX_SIDE) // 2 * 2)
     frames = max(1, round(spec.duration * spec.fps))
-    boxes = camera_boxes(MotionSpec(spec.image, spec.moves, spec.strength, spec.duration, spec.fps, size,
-                                    spec.ease), (iw, ih), frames)  # fmt: skip
+    boxes = camera_boxes(
+        MotionSpec(spec.image, spec.moves, spec.strength, spec.duration, spec.fps, size, spec.ease),
+        (iw, ih),
+        frames,
+    )
     with staged_output(Path(out)) as tmp:
-        args = ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{size[0]}x{size[1]}", "-r", str(spec.fps),
-                "-i", "pipe:0", "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
-                "-movflags", "+faststart", "-f", "mp4", "-y", f"file:{tmp}"]  # fmt: skip
+        args = [
+            "-f",
+            "rawvideo",
+            "-pix_fmt",
+            "rgb24",
+            "-s",
+            f"{size[0]}x{size[1]}",
+            "-r",
+            str(spec.fps),
+            "-i",
+            "pipe:0",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+            "-y",
+            f"file:{tmp}",
+        ]
         run_ffmpeg(args, timeout=timeout, cancelled=cancelled, stdin_chunks=_frames(image, boxes, size))
     return probe(out)
 
 
-def concat_clips(clips: list[Path], out: Path, audio: Path | None = None, subtitles: Path | None = None,
-                 size: tuple[int, int] | None = None, fps: int = 30, timeout: float = 900,
-                 cancelled: Callable[[], bool] | None = None):  # fmt: skip
+def concat_clips(
+    clips: list[Path],
+    out: Path,
+    audio: Path | None = None,
+    subtitles: Path | None = None,
+    size: tuple[int, int] | None = None,
+    fps: int = 30,
+    timeout: float = 900,
+    cancelled: Callable[[], bool] | None = None,
+):
     """Join clips (scaled/padded to one size and fps), lay `audio` under them (trimmed to the video,
     faded out) and burn in `subtitles` (.srt). Returns the output's MediaInfo."""
-    from engine.media.ffmpeg import media_input, probe, run_ffmpeg
-
     if not clips:
         raise InputError("no clips to join")
     infos = [probe(c) for c in clips]
@@ -163,8 +194,10 @@ def concat_clips(clips: list[Path], out: Path, audio: Path | None = None, subtit
             args += ["-i", media_input(c)]
         parts = []
         for k in range(len(clips)):
-            parts.append(f"[{k}:v:0]scale={w}:{h}:force_original_aspect_ratio=decrease,"
-                         f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:color=black,setsar=1,fps={int(fps)},format=yuv420p[v{k}]")  # fmt: skip
+            parts.append(
+                f"[{k}:v:0]scale={w}:{h}:force_original_aspect_ratio=decrease,"
+                f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2:color=black,setsar=1,fps={int(fps)},format=yuv420p[v{k}]"
+            )
         graph = ";".join(parts) + ";" + "".join(f"[v{k}]" for k in range(len(clips)))
         graph += f"concat=n={len(clips)}:v=1:a=0[vcat]"
         last = "vcat"
@@ -183,12 +216,29 @@ def concat_clips(clips: list[Path], out: Path, audio: Path | None = None, subtit
         if audio is not None:
             args += ["-stream_loop", "-1", "-i", media_input(audio)]
             fade = min(0.5, total)
-            graph += (f";[{len(clips)}:a:0]atrim=duration={total:.6f},asetpts=N/SR/TB,"
-                      f"afade=t=out:st={total - fade:.6f}:d={fade:.6f}[aout]")  # fmt: skip
+            graph += (
+                f";[{len(clips)}:a:0]atrim=duration={total:.6f},asetpts=N/SR/TB,"
+                f"afade=t=out:st={total - fade:.6f}:d={fade:.6f}[aout]"
+            )
             maps += ["-map", "[aout]", "-c:a", "aac", "-b:a", "160k"]
         tmp = work / "out.mp4"
-        args += ["-filter_complex", graph, *maps, "-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p",
-                 "-movflags", "+faststart", "-f", "mp4", "-y", f"file:{tmp}"]  # fmt: skip
+        args += [
+            "-filter_complex",
+            graph,
+            *maps,
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-movflags",
+            "+faststart",
+            "-f",
+            "mp4",
+            "-y",
+            f"file:{tmp}",
+        ]
         run_ffmpeg(args, timeout=timeout, cancelled=cancelled)
         tmp.replace(out)
     finally:

@@ -233,9 +233,14 @@ def render_text(
                     _paste_bitmap_run(layer, run, face, x, baseline, ascent)
                 else:
                     draw.text(
-                        (x, baseline), run, font=face.font, fill=colour, anchor="ls",
-                        stroke_width=outline_width, stroke_fill=outline,
-                    )  # fmt: skip
+                        (x, baseline),
+                        run,
+                        font=face.font,
+                        fill=colour,
+                        anchor="ls",
+                        stroke_width=outline_width,
+                        stroke_fill=outline,
+                    )
                 x += _run_width(run, path, font_size)
         canvas = Image.alpha_composite(canvas, layer)
     box = canvas.getchannel("A").getbbox()

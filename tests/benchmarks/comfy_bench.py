@@ -92,10 +92,19 @@ def bench_studio(runs: int = 10) -> dict:
 
     stub = ComfyStub(render_delay=RENDER_S, steps=4).start()
     tmp = Path(tempfile.mkdtemp(prefix="comfy-bench-"))
-    studio = Studio.start(Settings(data_dir=tmp / "data", models_dir=tmp / "models", demo=True, device="cpu",
-                                   comfyui_urls=stub.url))  # fmt: skip
-    values = {"prompt": "a lighthouse", "engine": "comfyui", "model": "sd15_tiny.safetensors", "steps": 4,
-              "width": 64, "height": 64}  # fmt: skip
+    studio = Studio.start(
+        Settings(
+            data_dir=tmp / "data", models_dir=tmp / "models", demo=True, device="cpu", comfyui_urls=stub.url
+        )
+    )
+    values = {
+        "prompt": "a lighthouse",
+        "engine": "comfyui",
+        "model": "sd15_tiny.safetensors",
+        "steps": 4,
+        "width": 64,
+        "height": 64,
+    }
     try:
         with httpx.Client(base_url=stub.url, timeout=30) as http:
             ours, bare = [], []
@@ -148,25 +157,44 @@ def rows(data: dict) -> list[dict]:
     o = data["overhead"]
     speedup = data["one"] / data["two"]
     return [
-        dict(benchmark=f"1. client overhead per job beyond the {RENDER_S * 1000:.0f} ms render, `ComfyClient.run` vs "
-             "bare httpx + websockets (median ms)", ours=f"{o['ours']:.1f}", base=f"{o['bare']:.1f}",
-             ratio=f"{o['ours'] / o['bare']:.2f}x ({o['ours'] - o['bare']:+.1f} ms)", target="report", ok=True),
-        dict(benchmark=f"1b. submit to PNG in the library beyond the {RENDER_S * 1000:.0f} ms render: "
-             "`submit_generate(engine='comfyui')` (job row, template, pool, client, PNG + rows + thumbnail) vs bare "
-             "httpx + websockets (median ms)", ours=f"{data['studio']['ours']:.1f}",
-             base=f"{data['studio']['bare']:.1f}",
-             ratio=f"+{data['studio']['ours'] - data['studio']['bare']:.1f} ms", target="report", ok=True),
-        dict(benchmark=f"2. {BATCH} jobs ({BATCH_RENDER_S * 1000:.0f} ms render each) via `ComfyPool.run`, two "
-             "stubs vs one (wall s)", ours=f"{data['two']:.2f}", base=f"{data['one']:.2f}",
-             ratio=f"{speedup:.2f}x throughput", target=f">= {SPEEDUP_TARGET}x", ok=speedup >= SPEEDUP_TARGET),
-    ]  # fmt: skip
+        dict(
+            benchmark=f"1. client overhead per job beyond the {RENDER_S * 1000:.0f} ms render, `ComfyClient.run` vs "
+            "bare httpx + websockets (median ms)",
+            ours=f"{o['ours']:.1f}",
+            base=f"{o['bare']:.1f}",
+            ratio=f"{o['ours'] / o['bare']:.2f}x ({o['ours'] - o['bare']:+.1f} ms)",
+            target="report",
+            ok=True,
+        ),
+        dict(
+            benchmark=f"1b. submit to PNG in the library beyond the {RENDER_S * 1000:.0f} ms render: "
+            "`submit_generate(engine='comfyui')` (job row, template, pool, client, PNG + rows + thumbnail) vs bare "
+            "httpx + websockets (median ms)",
+            ours=f"{data['studio']['ours']:.1f}",
+            base=f"{data['studio']['bare']:.1f}",
+            ratio=f"+{data['studio']['ours'] - data['studio']['bare']:.1f} ms",
+            target="report",
+            ok=True,
+        ),
+        dict(
+            benchmark=f"2. {BATCH} jobs ({BATCH_RENDER_S * 1000:.0f} ms render each) via `ComfyPool.run`, two "
+            "stubs vs one (wall s)",
+            ours=f"{data['two']:.2f}",
+            base=f"{data['one']:.2f}",
+            ratio=f"{speedup:.2f}x throughput",
+            target=f">= {SPEEDUP_TARGET}x",
+            ok=speedup >= SPEEDUP_TARGET,
+        ),
+    ]
 
 
 def markdown_table(results: list[dict]) -> str:
     lines = ["| benchmark | ours | baseline | ratio | target | result |", "|---|---:|---:|---:|---|---|"]
     for r in results:
-        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['base']} | {r['ratio']} | {r['target']} | "
-                     f"{'PASS' if r['ok'] else 'FAIL'} |")  # fmt: skip
+        lines.append(
+            f"| {r['benchmark']} | {r['ours']} | {r['base']} | {r['ratio']} | {r['target']} | "
+            f"{'PASS' if r['ok'] else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 

@@ -27,8 +27,15 @@ REPO = Path(__file__).resolve().parents[2]
 # Untimed pause between the two sides, so OpenMP threads still spinning after one call (in one
 # process) do not slow the next call (in the other) on a 2-core machine.
 SETTLE_S = 0.02
-PARAMS = dict(prompt="a lighthouse at dusk", negative_prompt="", steps=4, width=64, height=64, cfg_scale=7.0,
-              sampler="Euler a")  # fmt: skip
+PARAMS = dict(
+    prompt="a lighthouse at dusk",
+    negative_prompt="",
+    steps=4,
+    width=64,
+    height=64,
+    cfg_scale=7.0,
+    sampler="Euler a",
+)
 
 
 def median_ms(fn, runs: int, warmup: int = 2) -> float:
@@ -65,8 +72,13 @@ class BarePipeline:
     thread of its process running torch: two OpenMP teams in one process slow each other down."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", BARE_SERVER, str(model_dir)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", BARE_SERVER, str(model_dir)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         assert self.proc.stdout.readline().strip() == "ready"
         self.seed = 0
 
@@ -120,9 +132,11 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     import torch
 
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
-            f"diffusers {version('diffusers')}, gradio {version('gradio')}")  # fmt: skip
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
+        f"diffusers {version('diffusers')}, gradio {version('gradio')}"
+    )
 
 
 def main() -> int:
@@ -217,7 +231,7 @@ def bench_gallery_section(args) -> bool:
             f"{GALLERY_HEADING}\n\nCommand: `.venv/bin/python -m tests.benchmarks.run_benchmarks --only gallery` "
             f"(or `python -m tests.benchmarks.gallery_bench`)\n\nMachine: {machine()}\n\nRun: {stamp}. 10,000 "
             "generations (assets, LoRA index rows, 5% trashed, 180 days) in a fresh SQLite database; each row times "
-            f"`engine.gallery.gallery_page` (count + one page of 50 + thumbnail checks, a new session per call, as "
+            f"`engine.gallery.records.gallery_page` (count + one page of 50 + thumbnail checks, a new session per call, as "
             f"the Gallery tab and `/gallery` call it) {runs} times after 3 warm-ups. Target from the issue: median "
             f"under {TARGET_MS:g} ms for a filtered page.\n\n{table}\n"
         ),
@@ -232,14 +246,14 @@ def bench_generation(args) -> bool:
 
     from gradio_client import Client
 
-    from engine.demo_model import ensure_demo_model
     from engine.device import resolve_device
-    from engine.hashing import HashCache
+    from engine.model_manager.demo_model import ensure_demo_model
+    from engine.model_manager.pipelines import ModelManager
     from engine.paths import ModelRoots
-    from engine.pipelines import ModelManager
     from engine.requests import LoraSpec
     from engine.settings import Settings
-    from engine.store import Database
+    from engine.store.database import Database
+    from engine.store.hashing import HashCache
     from engine.studio import Studio
     from tests.factories import AppProcess, free_port, save_diffusers_lora, save_kohya_lora
 
@@ -268,12 +282,26 @@ def bench_generation(args) -> bool:
     manager = studio.executor.runtime(studio.device).models
     loads_before = manager.load_count
     engine_ms, bare_ms = interleaved(engine_call, bare, runs)
-    rows.append(("1. engine generate (job row + PNG + rows) vs bare diffusers call", engine_ms, bare_ms,
-                 "<= 1.05x or <= +15 ms", engine_ms / bare_ms <= 1.05 or engine_ms - bare_ms <= 15))  # fmt: skip
+    rows.append(
+        (
+            "1. engine generate (job row + PNG + rows) vs bare diffusers call",
+            engine_ms,
+            bare_ms,
+            "<= 1.05x or <= +15 ms",
+            engine_ms / bare_ms <= 1.05 or engine_ms - bare_ms <= 15,
+        )
+    )
     second_ms, bare_ms3 = interleaved(engine_call, bare, runs, warmup=0)
     reloaded = manager.load_count - loads_before
-    rows.append((f"3. second generation, same model (reloads: {reloaded}) vs bare", second_ms, bare_ms3,
-                 "<= 1.05x, no reload", second_ms / bare_ms3 <= 1.05 and reloaded == 0))  # fmt: skip
+    rows.append(
+        (
+            f"3. second generation, same model (reloads: {reloaded}) vs bare",
+            second_ms,
+            bare_ms3,
+            "<= 1.05x, no reload",
+            second_ms / bare_ms3 <= 1.05 and reloaded == 0,
+        )
+    )
     studio.close()
 
     # 2: /generate through gradio_client vs bare + minimal Gradio round trip -------------------
@@ -295,16 +323,28 @@ def bench_generation(args) -> bool:
 
         def api_call():
             api_seed[0] += 1
-            return client.predict(**{k: v for k, v in PARAMS.items() if k != "cfg_scale"}, cfg_scale=7,
-                                  seed=api_seed[0], loras="", api_name="/generate")  # fmt: skip
+            return client.predict(
+                **{k: v for k, v in PARAMS.items() if k != "cfg_scale"},
+                cfg_scale=7,
+                seed=api_seed[0],
+                loras="",
+                api_name="/generate",
+            )
 
         api_ms, bare_ms2 = interleaved(api_call, bare, runs)
     finally:
         app.stop()
         bare.close()
     floor = bare_ms2 + gradio_rt
-    rows.append((f"2. /generate via gradio_client vs bare + Gradio round trip ({gradio_rt:.0f} ms)", api_ms, floor,
-                 "<= +40 ms", api_ms - floor <= 40))  # fmt: skip
+    rows.append(
+        (
+            f"2. /generate via gradio_client vs bare + Gradio round trip ({gradio_rt:.0f} ms)",
+            api_ms,
+            floor,
+            "<= +40 ms",
+            api_ms - floor <= 40,
+        )
+    )
 
     # 4: LoRA switching vs full reload --------------------------------------------------------
     db = Database(f"sqlite:///{tmp / 'lora.db'}")
@@ -335,8 +375,15 @@ def bench_generation(args) -> bool:
         loaded = mm.get("studionova-demo")
 
     reload_ms = median_ms(full_reload, runs)
-    rows.append(("4a. switch between two loaded LoRAs (set_adapters) vs full pipeline reload", switch_ms, reload_ms,
-                 "<= 0.2x", switch_ms / reload_ms <= 0.2))  # fmt: skip
+    rows.append(
+        (
+            "4a. switch between two loaded LoRAs (set_adapters) vs full pipeline reload",
+            switch_ms,
+            reload_ms,
+            "<= 0.2x",
+            switch_ms / reload_ms <= 0.2,
+        )
+    )
     rows.append(("4b. load one LoRA from disk vs full pipeline reload", disk_ms, reload_ms, "report", True))
     db.dispose()
 
@@ -344,8 +391,10 @@ def bench_generation(args) -> bool:
     header = "| benchmark | ours (median ms) | baseline (median ms) | ratio | added ms | target | result |"
     lines = [header, "|---|---:|---:|---:|---:|---|---|"]
     for name, ours, base, target, ok in rows:
-        lines.append(f"| {name} | {ours:.1f} | {base:.1f} | {ours / base:.3f}x | {ours - base:+.1f} | {target} | "
-                     f"{'PASS' if ok else 'FAIL'} |")  # fmt: skip
+        lines.append(
+            f"| {name} | {ours:.1f} | {base:.1f} | {ours / base:.3f}x | {ours - base:+.1f} | {target} | "
+            f"{'PASS' if ok else 'FAIL'} |"
+        )
     table = "\n".join(lines)
     print(table)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -7,7 +7,7 @@ Same tiny model (the demo model), same 4 random 64x64 images and captions, same 
 rank 4, alpha 4, UNet attention targets, 64 px, batch 1, AdamW (weight decay 1e-2), constant LR 1e-4,
 grad-norm clip 1.0, MSE on epsilon, timesteps uniform over the scheduler's range, latents cached.
 
-Row 1: per-step time of `engine.training.train_lora` with checkpoints every 10 steps, no samples
+Row 1: per-step time of `engine.training.trainer.train_lora` with checkpoints every 10 steps, no samples
 (sample_every=0) and its per-step progress events fed through the job's path (train_job's 2/s throttle,
 then an EventBus publish and a Job row progress update at most once a second, as `JobService` does), against
 the bare loop written below. Row 2: `train_lora` with cache_latents off vs on (report).
@@ -66,7 +66,7 @@ def prepare(root: Path) -> tuple[Path, list[dict]]:
     import numpy as np
     from PIL import Image
 
-    from engine.demo_model import ensure_demo_model
+    from engine.model_manager.demo_model import ensure_demo_model
     from engine.paths import ModelRoots
 
     models = root / "models"
@@ -86,16 +86,29 @@ def prepare(root: Path) -> tuple[Path, list[dict]]:
 
 
 def worker_ours(model_dir: Path, images: list[dict], work: Path, steps: int, cache: bool) -> dict:
-    from engine.jobs import PROGRESS_DB_INTERVAL_S, EventBus
-    from engine.store import Database, Job
-    from engine.train_job import EMIT_INTERVAL_S
-    from engine.training import TrainLoraRequest, train_lora
+    from engine.jobs.service import PROGRESS_DB_INTERVAL_S, EventBus
+    from engine.store.database import Database, Job
+    from engine.training.job import EMIT_INTERVAL_S
+    from engine.training.trainer import TrainLoraRequest, train_lora
 
     req = TrainLoraRequest.build(
-        model="studionova-demo", model_path=str(model_dir), images=images, output_name="bench", rank=RANK,
-        alpha=ALPHA, learning_rate=LR, resolution=64, batch_size=1, optimizer="adamw", lr_scheduler="constant",
-        max_train_steps=steps, checkpoint_every=CHECKPOINT_EVERY, sample_every=0, cache_latents=cache, seed=SEED,
-    )  # fmt: skip
+        model="studionova-demo",
+        model_path=str(model_dir),
+        images=images,
+        output_name="bench",
+        rank=RANK,
+        alpha=ALPHA,
+        learning_rate=LR,
+        resolution=64,
+        batch_size=1,
+        optimizer="adamw",
+        lr_scheduler="constant",
+        max_train_steps=steps,
+        checkpoint_every=CHECKPOINT_EVERY,
+        sample_every=0,
+        cache_latents=cache,
+        seed=SEED,
+    )
     # the job's sink: JobService._execute's emit (bus + Job.progress at most once a second)
     db = Database(f"sqlite:///{work / 'jobs.db'}")
     db.create_all()
@@ -141,8 +154,13 @@ def worker_ours(model_dir: Path, images: list[dict], work: Path, steps: int, cac
     assert result["steps"] == steps and len(stamps) == steps, (result["steps"], len(stamps))
     forwarded = watcher.qsize()
     db.engine.dispose()
-    return {"stamps": stamps, "cpu": cpu, "losses": losses, "forwarded": forwarded,
-            "checkpoints": len(list((work / "run" / "checkpoints").glob("step-*")))}  # fmt: skip
+    return {
+        "stamps": stamps,
+        "cpu": cpu,
+        "losses": losses,
+        "forwarded": forwarded,
+        "checkpoints": len(list((work / "run" / "checkpoints").glob("step-*"))),
+    }
 
 
 def worker_bare(model_dir: Path, images: list[dict], steps: int) -> dict:
@@ -167,8 +185,14 @@ def worker_bare(model_dir: Path, images: list[dict], steps: int) -> dict:
     for m in (unet, vae, text_encoder):
         m.requires_grad_(False)
     torch.manual_seed(SEED)
-    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))  # fmt: skip
+    unet.add_adapter(
+        LoraConfig(
+            r=RANK,
+            lora_alpha=ALPHA,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=1e-2)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer)
@@ -184,8 +208,13 @@ def worker_bare(model_dir: Path, images: list[dict], steps: int) -> dict:
     for _ in range(steps):
         k = order.randrange(len(images))
         latents = latents_cache[k]
-        ids = tokenizer([images[k]["caption"]], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids  # fmt: skip
+        ids = tokenizer(
+            [images[k]["caption"]],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         with torch.no_grad():
             embeds = text_encoder(ids)[0]
         noise = torch.randn_like(latents)
@@ -216,11 +245,25 @@ def step_ms(stamps: list[float]) -> tuple[float, float]:
 def run_worker(kind: str, model_dir: Path, images_json: Path, work: Path, steps: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(THREADS)}
-    cmd = [sys.executable, "-m", "tests.benchmarks.training_bench", "--worker", kind, "--model", str(model_dir),
-           "--images", str(images_json), "--work", str(work), "--steps", str(steps)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "tests.benchmarks.training_bench",
+        "--worker",
+        kind,
+        "--model",
+        str(model_dir),
+        "--images",
+        str(images_json),
+        "--work",
+        str(work),
+        "--steps",
+        str(steps),
+    ]
     t = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=env, cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=600
+    )
     if proc.returncode:
         raise RuntimeError(f"{kind} worker failed:\n{proc.stderr[-4000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -243,8 +286,13 @@ def bench_training(steps: int = STEPS, repeats: int = REPEATS, workdir: Path | N
             for kind in runs:
                 runs[kind].append(run_worker(kind, model_dir, images_json, tmp / f"{kind}-{r}", steps))
         loads = [load_before, os.getloadavg()[0]]
-        return {"runs": runs, "seconds": time.perf_counter() - started, "load": loads, "steps": steps,
-                "repeats": repeats}  # fmt: skip
+        return {
+            "runs": runs,
+            "seconds": time.perf_counter() - started,
+            "load": loads,
+            "steps": steps,
+            "repeats": repeats,
+        }
     finally:
         if workdir is None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -255,23 +303,44 @@ def rows(data: dict) -> list[dict]:
     med_gap = {k: statistics.median(r["median_ms"] for r in v) for k, v in data["runs"].items()}
     ratio = med["ours"] / med["bare"]
     return [
-        dict(benchmark=f"1. per-step time, `train_lora` (cached latents, checkpoint every {CHECKPOINT_EVERY}, "
-             "no samples, job-throttled progress) vs bare diffusers + peft loop", ours=med["ours"], base=med["bare"],
-             ratio=ratio, target=f"<= {TARGET:.2f}x", ok=ratio <= TARGET),
-        dict(benchmark="1b. same runs, median single-step gap (checkpoint steps fall out)", ours=med_gap["ours"],
-             base=med_gap["bare"], ratio=med_gap["ours"] / med_gap["bare"], target="report", ok=True),
-        dict(benchmark="2. `train_lora` per-step time, cache_latents off vs on (VAE encode every step)",
-             ours=med["ours-nocache"], base=med["ours"], ratio=med["ours-nocache"] / med["ours"], target="report",
-             ok=True),
-    ]  # fmt: skip
+        dict(
+            benchmark=f"1. per-step time, `train_lora` (cached latents, checkpoint every {CHECKPOINT_EVERY}, "
+            "no samples, job-throttled progress) vs bare diffusers + peft loop",
+            ours=med["ours"],
+            base=med["bare"],
+            ratio=ratio,
+            target=f"<= {TARGET:.2f}x",
+            ok=ratio <= TARGET,
+        ),
+        dict(
+            benchmark="1b. same runs, median single-step gap (checkpoint steps fall out)",
+            ours=med_gap["ours"],
+            base=med_gap["bare"],
+            ratio=med_gap["ours"] / med_gap["bare"],
+            target="report",
+            ok=True,
+        ),
+        dict(
+            benchmark="2. `train_lora` per-step time, cache_latents off vs on (VAE encode every step)",
+            ours=med["ours-nocache"],
+            base=med["ours"],
+            ratio=med["ours-nocache"] / med["ours"],
+            target="report",
+            ok=True,
+        ),
+    ]
 
 
 def markdown_table(results: list[dict]) -> str:
-    lines = ["| benchmark | ours (ms/step) | baseline (ms/step) | ratio | target | result |",
-             "|---|---:|---:|---:|---|---|"]  # fmt: skip
+    lines = [
+        "| benchmark | ours (ms/step) | baseline (ms/step) | ratio | target | result |",
+        "|---|---:|---:|---:|---|---|",
+    ]
     for r in results:
-        lines.append(f"| {r['benchmark']} | {r['ours']:.1f} | {r['base']:.1f} | {r['ratio']:.3f}x | {r['target']} | "
-                     f"{'PASS' if r['ok'] else 'FAIL'} |")  # fmt: skip
+        lines.append(
+            f"| {r['benchmark']} | {r['ours']:.1f} | {r['base']:.1f} | {r['ratio']:.3f}x | {r['target']} | "
+            f"{'PASS' if r['ok'] else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 
@@ -306,7 +375,7 @@ def bench_training_section(args, write_section, heading: str, machine: str) -> b
             f"subprocess; ours, bare and ours-without-cache alternate, {data['repeats']} runs each. A run's step "
             f"time is the mean gap between its per-step timestamps after step {WARMUP_STEPS} (loading and latent "
             "caching excluded on both sides); the table shows the median over the runs.\n\n"
-            f"Ours: `engine.training.train_lora` with checkpoint_every={CHECKPOINT_EVERY} (LoRA weights, optimizer, "
+            f"Ours: `engine.training.trainer.train_lora` with checkpoint_every={CHECKPOINT_EVERY} (LoRA weights, optimizer, "
             "scheduler and RNG state, fsynced; the ones at steps 10, 20 and 30 fall inside the timed window), "
             "sample_every=0 (no sample renders: a 20-step render would dominate a 64 px step), and every step's "
             "progress event passed through the job's own path: `run_train_job`'s 2/s throttle, then an EventBus "

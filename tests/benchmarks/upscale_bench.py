@@ -1,4 +1,4 @@
-"""Upscaling benchmark (issue 8): tiling cost and memory of engine.upscale on the CPU.
+"""Upscaling benchmark (issue 8): tiling cost and memory of engine.upscale.upscalers on the CPU.
 
     .venv/bin/python -m tests.benchmarks.upscale_bench            (prints the rows, writes nothing)
 
@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image
 from spandrel import ImageModelDescriptor
 from engine.device import DevicePlan
-from engine.upscale import UpscalerCache, upscale_image
+from engine.upscale.upscalers import UpscalerCache, upscale_image
 
 model_path, side, tile = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 
@@ -96,7 +96,7 @@ def bench_speed(model_path: Path, runs: int = RUNS) -> dict:
     import torch
 
     from engine.device import DevicePlan
-    from engine.upscale import UpscalerCache, tile_upscale
+    from engine.upscale.upscalers import UpscalerCache, tile_upscale
 
     model = UpscalerCache().get(model_path, DevicePlan(device="cpu", dtype="float32"))
     torch.manual_seed(0)
@@ -122,8 +122,14 @@ def bench_speed(model_path: Path, runs: int = RUNS) -> dict:
 
 
 def bench_memory(model_path: Path, side: int, tile: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, str(model_path), str(side), str(tile)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", _MEMORY_CHILD, str(model_path), str(side), str(tile)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"memory run {side} px tile {tile} failed:\n{proc.stderr[-2000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -147,21 +153,34 @@ def rows(data: dict) -> list[dict]:
     s = data["speed"]
     ratio = s["tiled"] / s["untiled"]
     out = [
-        dict(benchmark=f"1. realesr-general-x4v3 arch, {SPEED_SIZE} px -> {SPEED_SIZE * 4} px: tile {SPEED_TILE} "
-             f"(pad 16, overlap 16; 2x2 cells) vs untiled (median s of {s['runs']}, interleaved; "
-             f"max abs diff {s['seam']:.1e})", ours=f"{s['tiled']:.2f}", base=f"{s['untiled']:.2f}",
-             ratio=f"{ratio:.2f}x", target=f"<= {SPEED_TARGET}x", ok=ratio <= SPEED_TARGET),
-    ]  # fmt: skip
+        dict(
+            benchmark=f"1. realesr-general-x4v3 arch, {SPEED_SIZE} px -> {SPEED_SIZE * 4} px: tile {SPEED_TILE} "
+            f"(pad 16, overlap 16; 2x2 cells) vs untiled (median s of {s['runs']}, interleaved; "
+            f"max abs diff {s['seam']:.1e})",
+            ours=f"{s['tiled']:.2f}",
+            base=f"{s['untiled']:.2f}",
+            ratio=f"{ratio:.2f}x",
+            target=f"<= {SPEED_TARGET}x",
+            ok=ratio <= SPEED_TARGET,
+        ),
+    ]
     tiled = [m for m in data["memory"] if m["tile"]]
     for n, m in enumerate(data["memory"], start=2):
-        out.append(dict(
-            benchmark=f"{n}. memory {m['side']} -> {m['side'] * 4} px, "
-                      f"{'tile ' + str(m['tile']) if m['tile'] else 'untiled'} ({m['tiles']} model call"
-                      f"{'s' if m['tiles'] > 1 else ''}, {m['seconds']:.0f} s; weights {m['weights'] / 2**10:.0f} KiB): "
-                      "activation peak of one tile / output buffers (computed) / whole-run peak",
-            ours=_mb(m["activation"]), base=_mb(m["output"]), ratio=_mb(m["run_peak"]),
-            target="activation flat in image size (within 1.5x), smaller at a smaller tile" if m["tile"] else "contrast", ok=True,
-        ))  # fmt: skip
+        out.append(
+            dict(
+                benchmark=f"{n}. memory {m['side']} -> {m['side'] * 4} px, "
+                f"{'tile ' + str(m['tile']) if m['tile'] else 'untiled'} ({m['tiles']} model call"
+                f"{'s' if m['tiles'] > 1 else ''}, {m['seconds']:.0f} s; weights {m['weights'] / 2**10:.0f} KiB): "
+                "activation peak of one tile / output buffers (computed) / whole-run peak",
+                ours=_mb(m["activation"]),
+                base=_mb(m["output"]),
+                ratio=_mb(m["run_peak"]),
+                target="activation flat in image size (within 1.5x), smaller at a smaller tile"
+                if m["tile"]
+                else "contrast",
+                ok=True,
+            )
+        )
     same_tile = [m for m in tiled if m["tile"] == MEMORY_CASES[0][1]]
     if len(same_tile) >= 2:
         flat = max(m["activation"] for m in same_tile) <= 1.5 * min(m["activation"] for m in same_tile)
@@ -176,8 +195,10 @@ def rows(data: dict) -> list[dict]:
 def markdown_table(results: list[dict]) -> str:
     lines = ["| benchmark | ours | baseline | ratio | target | result |", "|---|---:|---:|---:|---|---|"]
     for r in results:
-        lines.append(f"| {r['benchmark']} | {r['ours']} | {r['base']} | {r['ratio']} | {r['target']} | "
-                     f"{'PASS' if r['ok'] else 'FAIL'} |")  # fmt: skip
+        lines.append(
+            f"| {r['benchmark']} | {r['ours']} | {r['base']} | {r['ratio']} | {r['target']} | "
+            f"{'PASS' if r['ok'] else 'FAIL'} |"
+        )
     return "\n".join(lines)
 
 

@@ -26,8 +26,9 @@ ROW2_TARGET = 5.0
 def _ff(*args: str) -> None:
     from engine.media.ffmpeg import ffmpeg_exe
 
-    subprocess.run([ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args], check=True,
-                   timeout=600)  # fmt: skip
+    subprocess.run(
+        [ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y", *args], check=True, timeout=600
+    )
 
 
 def make_media(root: Path) -> tuple[list[Path], list[Path]]:
@@ -35,9 +36,26 @@ def make_media(root: Path) -> tuple[list[Path], list[Path]]:
     clips, tones = [], []
     for i, pattern in enumerate(("testsrc2", "smptehdbars", "testsrc")):
         out = root / f"clip{i}.mp4"
-        _ff("-f", "lavfi", "-i", f"{pattern}=size=1280x720:rate=30:duration={CLIP_S}", "-f", "lavfi", "-i",
-            f"sine=frequency={300 + 100 * i}:duration={CLIP_S}", "-c:v", "libx264", "-preset", "veryfast",
-            "-pix_fmt", "yuv420p", "-c:a", "aac", "-shortest", str(out))  # fmt: skip
+        _ff(
+            "-f",
+            "lavfi",
+            "-i",
+            f"{pattern}=size=1280x720:rate=30:duration={CLIP_S}",
+            "-f",
+            "lavfi",
+            "-i",
+            f"sine=frequency={300 + 100 * i}:duration={CLIP_S}",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
+            str(out),
+        )
         clips.append(out)
     for i, freq in enumerate((220, 440, 660, 880)):
         out = root / f"tone{i}.wav"
@@ -68,8 +86,21 @@ def baseline_commands(plan_rows, hooks_png: dict[str, Path], out_dir: Path, over
             args += ["-filter_complex", graph, "-map", "[v]", "-map", "[a]"]
         else:
             args += ["-filter_complex", f"[1:a]{fade}[a]", "-map", "0:v:0", "-map", "[a]"]
-        args += ["-c:v", "libx264", "-preset", "veryfast", "-pix_fmt", "yuv420p", "-c:a", "aac", "-b:a", "160k",
-                 "-movflags", "+faststart", str(out)]  # fmt: skip
+        args += [
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-b:a",
+            "160k",
+            "-movflags",
+            "+faststart",
+            str(out),
+        ]
         cmds.append(args)
     return cmds
 
@@ -86,8 +117,9 @@ def bench_variants(workdir: Path | None = None) -> list[dict]:
         lib = studio.library
         videos = [lib.add_file(p).id for p in clips]
         audios = [lib.add_file(p).id for p in tones]
-        hooks = lib.add_hooks("Wait for it...\nYou won't believe this\nPart 2 is crazy\nSave this for later",
-                              category="bench")  # fmt: skip
+        hooks = lib.add_hooks(
+            "Wait for it...\nYou won't believe this\nPart 2 is crazy\nSave this for later", category="bench"
+        )
         base = dict(videos=videos, audios=audios, hooks=[h.id for h in hooks], per_video=4, limit=100)
         _, plan = studio.build_variants_request(base)
         rows = [(Path(a.video.path), Path(a.audio.path), a.hook.id if a.hook else "") for a in plan]
@@ -127,24 +159,80 @@ def bench_variants(workdir: Path | None = None) -> list[dict]:
         o1_seq = min(r1_seq)
         o2, b2 = min(x for x, _ in r2), min(y for _, y in r2)
         # where row 2's time goes: the AAC encode of the new track is the floor for both sides
-        remux = min(bare([["-i", str(v), "-c", "copy", "-map", "0", str(tmp / "baseline" / f"r{k}.mp4")]
-                          for k, (v, _, _) in enumerate(rows)]) for _ in range(2))  # fmt: skip
-        aac = min(bare([["-stream_loop", "-1", "-i", str(a), "-t", str(CLIP_S), "-c:a", "aac", "-b:a", "160k",
-                         str(tmp / "baseline" / f"a{k}.m4a")] for k, (_, a, _) in enumerate(rows)]) for _ in range(2))  # fmt: skip
+        remux = min(
+            bare(
+                [
+                    ["-i", str(v), "-c", "copy", "-map", "0", str(tmp / "baseline" / f"r{k}.mp4")]
+                    for k, (v, _, _) in enumerate(rows)
+                ]
+            )
+            for _ in range(2)
+        )
+        aac = min(
+            bare(
+                [
+                    [
+                        "-stream_loop",
+                        "-1",
+                        "-i",
+                        str(a),
+                        "-t",
+                        str(CLIP_S),
+                        "-c:a",
+                        "aac",
+                        "-b:a",
+                        "160k",
+                        str(tmp / "baseline" / f"a{k}.m4a"),
+                    ]
+                    for k, (_, a, _) in enumerate(rows)
+                ]
+            )
+            for _ in range(2)
+        )
         return [
-            dict(benchmark="12 variants, 720p 10 s: hook overlay + audio replace (batch job vs hand-written "
-                 "ffmpeg, sequential)", ours_s=o1, base_s=b1, ratio=o1 / b1,
-                 target=f"<= {ROW1_TARGET:.2f}x", ok=o1 / b1 <= ROW1_TARGET),
-            dict(benchmark="(row 1, engine overhead) the same batch with --ffmpeg-parallel 1: one variant at a "
-                 "time, like the baseline", ours_s=o1_seq, base_s=b1, ratio=o1_seq / b1, target="report", ok=True),
-            dict(benchmark="12 variants, audio replace only (engine copies the video stream vs re-encoding)",
-                 ours_s=o2, base_s=b2, ratio=b2 / o2, target=f"speed-up >= {ROW2_TARGET:g}x",
-                 ok=b2 / o2 >= ROW2_TARGET),
-            dict(benchmark="(row 2 floor) 12 bare remuxes, video and audio copied, nothing encoded", ours_s=remux,
-                 base_s=b2, ratio=b2 / remux, target="report", ok=True),
-            dict(benchmark="(row 2 floor) 12 bare AAC encodes of the new 10 s track alone", ours_s=aac, base_s=b2,
-                 ratio=b2 / aac, target="report", ok=True),
-        ]  # fmt: skip
+            dict(
+                benchmark="12 variants, 720p 10 s: hook overlay + audio replace (batch job vs hand-written "
+                "ffmpeg, sequential)",
+                ours_s=o1,
+                base_s=b1,
+                ratio=o1 / b1,
+                target=f"<= {ROW1_TARGET:.2f}x",
+                ok=o1 / b1 <= ROW1_TARGET,
+            ),
+            dict(
+                benchmark="(row 1, engine overhead) the same batch with --ffmpeg-parallel 1: one variant at a "
+                "time, like the baseline",
+                ours_s=o1_seq,
+                base_s=b1,
+                ratio=o1_seq / b1,
+                target="report",
+                ok=True,
+            ),
+            dict(
+                benchmark="12 variants, audio replace only (engine copies the video stream vs re-encoding)",
+                ours_s=o2,
+                base_s=b2,
+                ratio=b2 / o2,
+                target=f"speed-up >= {ROW2_TARGET:g}x",
+                ok=b2 / o2 >= ROW2_TARGET,
+            ),
+            dict(
+                benchmark="(row 2 floor) 12 bare remuxes, video and audio copied, nothing encoded",
+                ours_s=remux,
+                base_s=b2,
+                ratio=b2 / remux,
+                target="report",
+                ok=True,
+            ),
+            dict(
+                benchmark="(row 2 floor) 12 bare AAC encodes of the new 10 s track alone",
+                ours_s=aac,
+                base_s=b2,
+                ratio=b2 / aac,
+                target="report",
+                ok=True,
+            ),
+        ]
     finally:
         studio.close()
         if workdir is None:
@@ -162,8 +250,10 @@ def bench_variants_section(args, write_section, heading: str, machine: str) -> b
     for r in results:
         slower = r["target"] == f"<= {ROW1_TARGET:.2f}x" or "ffmpeg-parallel 1" in r["benchmark"]
         ratio = f"{r['ratio']:.2f}x" + ("" if slower else " faster")
-        lines.append(f"| {r['benchmark']} | {r['ours_s']:.1f} | {r['base_s']:.1f} | {ratio} | {r['target']} | "
-                     f"{'PASS' if r['ok'] else 'FAIL'} |")  # fmt: skip
+        lines.append(
+            f"| {r['benchmark']} | {r['ours_s']:.1f} | {r['base_s']:.1f} | {ratio} | {r['target']} | "
+            f"{'PASS' if r['ok'] else 'FAIL'} |"
+        )
     table = "\n".join(lines)
     print(table)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")

@@ -1,0 +1,1 @@
+"""Characters and their datasets: characters, projects, ingest, review, captions, reference sheets."""

@@ -1,0 +1,1 @@
+"""Durable jobs: kinds (registry, RunContext), the executor seam, the job service and its events."""

@@ -1,0 +1,738 @@
+"""Durable jobs: the row is the truth, the in-process executor is a cache of it.
+
+submit() writes a `Job` row (status queued) before any waiting and returns the job id and a
+cancel token. One worker per device claims rows atomically (queued -> running), so a job never
+runs twice; progress and results are pushed to subscribers through an in-memory event bus
+(not polled from the database). At start-up `recover()` turns `running` rows into `interrupted`
+and hands `queued` rows to the executor again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import queue
+import secrets
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import select
+
+from engine.errors import (
+    BudgetExceededError,
+    InputError,
+    JobCancelledError,
+    NotFoundError,
+    OutOfMemoryError,
+    PermissionDeniedError,
+    TransientError,
+)
+from engine.store.database import TERMINAL_STATUSES, Database, Job, utcnow
+
+log = logging.getLogger(__name__)
+
+TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled", "interrupted"})
+PROGRESS_DB_INTERVAL_S = 1.0
+RETRY_BASE_DELAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """How to run one kind of job. `runner` is "module:function" so the UI never imports torch."""
+
+    runner: str
+    request_type: str  # "module:Class"
+    uses_gpu: bool = True
+    resumable: bool = False
+    queue: str = ""  # its own worker queue (e.g. "comfyui": remote renders); "" = the device's or media's
+
+    def load_runner(self) -> Callable[[Any, RunContext], dict]:
+        module, _, fn = self.runner.partition(":")
+        return getattr(importlib.import_module(module), fn)
+
+    def parse_request(self, data: dict):
+        module, _, cls = self.request_type.partition(":")
+        return getattr(importlib.import_module(module), cls).build(**data)
+
+
+COMFY_QUEUE = "comfyui"
+JOB_KINDS: dict[str, JobKind] = {
+    "generate": JobKind(
+        "engine.generation.generate:run_generate_job", "engine.generation.request:GenerateRequest"
+    ),
+    "xyz_plot": JobKind("engine.generation.xyz:run_xyz_job", "engine.generation.xyz:XYZPlotRequest"),
+    "download": JobKind(
+        "engine.model_manager.downloads:run_download_job",
+        "engine.model_manager.downloads:DownloadRequest",
+        uses_gpu=False,
+        resumable=True,
+    ),
+    "variants": JobKind(
+        "engine.media.variants:run_variants_job", "engine.media.variants:VariantsRequest", uses_gpu=False
+    ),
+    "cleanup": JobKind(
+        "engine.media.variants:run_cleanup_job", "engine.media.variants:CleanupRequest", uses_gpu=False
+    ),
+    "motion_clip": JobKind(
+        "engine.media.variants:run_motion_job", "engine.media.variants:MotionClipRequest", uses_gpu=False
+    ),
+    "join_clips": JobKind(
+        "engine.media.variants:run_join_job", "engine.media.variants:JoinClipsRequest", uses_gpu=False
+    ),
+    "ingest": JobKind(
+        "engine.characters.datasets:run_ingest_job",
+        "engine.characters.datasets:IngestRequest",
+        uses_gpu=False,
+    ),
+    "caption": JobKind(
+        "engine.characters.datasets:run_caption_job",
+        "engine.characters.datasets:CaptionRequest",
+        uses_gpu=False,
+    ),
+    # rendered by ComfyUI servers: its own workers (as many as the pool takes at once), never a local GPU slot
+    "comfy_generate": JobKind(
+        "engine.comfyui.generate:run_comfy_generate_job",
+        "engine.generation.request:GenerateRequest",
+        uses_gpu=False,
+        queue=COMFY_QUEUE,
+    ),
+    "train_lora": JobKind(
+        "engine.training.job:run_train_job", "engine.training.job:TrainJobRequest", resumable=True
+    ),
+    "train_lora_kohya": JobKind(
+        "engine.training.kohya:run_kohya_job", "engine.training.job:TrainJobRequest", resumable=True
+    ),
+    "upscale": JobKind("engine.upscale.job:run_upscale_job", "engine.upscale.job:UpscaleRequest"),
+    "generate_video": JobKind("engine.video.job:run_video_job", "engine.video.job:VideoRequest"),
+    "reference_sheet": JobKind(
+        "engine.characters.reference_sheet:run_reference_sheet_job",
+        "engine.characters.reference_sheet:ReferenceSheetRequest",
+    ),
+}
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class EventBus:
+    """Per-job fan-out of events to any number of watchers; remembers the latest progress."""
+
+    def __init__(self) -> None:
+        self._subs: dict[str, list[queue.Queue]] = {}
+        self._latest: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    def subscribe(self, job_id: str) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        with self._lock:
+            self._subs.setdefault(job_id, []).append(q)
+            if job_id in self._latest:
+                q.put(self._latest[job_id])
+        return q
+
+    def unsubscribe(self, job_id: str, q: queue.Queue) -> None:
+        with self._lock:
+            subs = self._subs.get(job_id, [])
+            if q in subs:
+                subs.remove(q)
+            if not subs:
+                self._subs.pop(job_id, None)
+
+    def publish(self, job_id: str, event: dict) -> None:
+        with self._lock:
+            if event["type"] == "progress":
+                self._latest[job_id] = event
+            elif event["type"] in TERMINAL_EVENTS:
+                self._latest.pop(job_id, None)
+            subs = list(self._subs.get(job_id, []))
+        for q in subs:
+            q.put(event)
+
+    def latest(self, job_id: str) -> dict | None:
+        with self._lock:
+            return self._latest.get(job_id)
+
+
+@dataclass
+class RunContext:
+    """What a runner gets: its job, a way to report progress, and a way to learn of cancel."""
+
+    job_id: str
+    device: str
+    emit: Callable[[dict], None]
+    is_cancelled: Callable[[], bool]
+    runtime: Any  # engine.runtime.WorkerRuntime
+    attempt: int = 1
+    extra: dict = field(default_factory=dict)
+
+    def check_cancelled(self) -> None:
+        if self.is_cancelled():
+            raise JobCancelledError(f"job {self.job_id} was cancelled")
+
+    def part(self, n: int, count: int, label: str) -> RunContext:
+        """The context for part n of count (an X/Y/Z cell, a sheet view): its step events are rescaled
+        onto the whole job's progress and described as "<label> n+1/count, ..."."""
+
+        def emit(event: dict) -> None:
+            if "step" in event:
+                event = {
+                    **event,
+                    "step": n * event["total"] + event["step"],
+                    "total": event["total"] * count,
+                    "desc": f"{label} {n + 1}/{count}, {event.get('desc', '')}",
+                }
+            self.emit(event)
+
+        return RunContext(
+            self.job_id, self.device, emit, self.is_cancelled, self.runtime, self.attempt, self.extra
+        )
+
+
+MEDIA_QUEUE = "media"
+
+
+class InProcessExecutor:
+    """One queue per device, served by `jobs_per_device` threads; GPU kinds also hold a device lock
+    so a device never runs two diffusion jobs at once. Kinds that do not use the GPU (variant batches,
+    downloads, clips, cleanup) have their own queue and thread, so they never wait behind diffusion
+    jobs nor hold them up."""
+
+    def __init__(
+        self,
+        service: JobService,
+        devices: list[str],
+        jobs_per_device: int,
+        runtime_factory,
+        extra_queues: dict[str, int] | None = None,
+    ) -> None:
+        self.service = service
+        self.devices = devices
+        self.extra_queues = {name: n for name, n in (extra_queues or {}).items() if n > 0}
+        self._queues = {d: queue.Queue() for d in [*devices, MEDIA_QUEUE, *self.extra_queues]}
+        self._gpu_locks = {d: threading.Lock() for d in devices}
+        self._runtime_factory = runtime_factory
+        self._runtimes: dict[str, Any] = {}
+        self._runtime_lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self.jobs_per_device = jobs_per_device
+
+    def start(self) -> None:
+        for device in self.devices:
+            for i in range(self.jobs_per_device):
+                t = threading.Thread(
+                    target=self._loop, args=(device,), name=f"worker-{device}-{i}", daemon=True
+                )
+                t.start()
+                self._threads.append(t)
+        t = threading.Thread(target=self._loop, args=(MEDIA_QUEUE,), name="worker-media", daemon=True)
+        t.start()
+        self._threads.append(t)
+        for name, count in self.extra_queues.items():
+            for i in range(count):
+                t = threading.Thread(target=self._loop, args=(name,), name=f"worker-{name}-{i}", daemon=True)
+                t.start()
+                self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        for q in self._queues.values():
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=5)
+
+    def submit(self, job_id: str) -> None:
+        job = self.service.db.get_job(job_id)
+        kind = JOB_KINDS.get(job.kind) if job is not None else None
+        if kind is not None and kind.queue:
+            if kind.queue not in self._queues:
+                self.service._finish(
+                    job_id,
+                    "failed",
+                    error=f"no workers for {job.kind} jobs (is it configured?)",
+                    error_type="InputError",
+                )
+                return
+            self._queues[kind.queue].put(job_id)
+            return
+        self._queues[MEDIA_QUEUE if kind is not None and not kind.uses_gpu else self.devices[0]].put(job_id)
+
+    def warm(self, model: str) -> None:
+        """Load `model` on every device in the background, so the first job does not wait for it."""
+        for device in self.devices:
+            self._queues[device].put(("warm", model))
+
+    def capacity(self) -> dict[str, int]:
+        return {d: self._queues[d].qsize() for d in self.devices}
+
+    def runtime(self, device: str):
+        if device == MEDIA_QUEUE or device in self.extra_queues:  # the runtime's database and folders only
+            device = self.devices[0]
+        with self._runtime_lock:
+            if device not in self._runtimes:
+                self._runtimes[device] = self._runtime_factory(device)
+            return self._runtimes[device]
+
+    def _loop(self, device: str) -> None:
+        q = self._queues[device]
+        while not self._stop.is_set():
+            job_id = q.get()
+            if job_id is None:
+                return
+            if isinstance(job_id, tuple):  # ("warm", model)
+                self._warm(device, job_id[1])
+                continue
+            try:
+                self.service.run_job(job_id, device, self)
+            except Exception:  # a bug in the job machinery must not kill the worker
+                log.exception("worker %s crashed on job %s", device, job_id)
+
+    def _warm(self, device: str, model: str) -> None:
+        with self._gpu_locks[device]:
+            try:
+                self.runtime(device).models.get(model)
+            except Exception:  # a broken default model shows up on the first job, with its real error
+                log.exception("could not preload %s on %s", model, device)
+
+    def unload_models(self) -> None:
+        """Free every device's loaded pipelines (waits for the running diffusion job, if any)."""
+        for device in self.devices:
+            with self._gpu_locks[device], self._runtime_lock:
+                runtime = self._runtimes.get(device)
+            if runtime is not None:
+                with self._gpu_locks[device]:
+                    runtime.models.unload()
+
+    def gpu_lock(self, device: str) -> threading.Lock:
+        return self._gpu_locks[device]
+
+
+class JobService:
+    """submit / cancel / retry / resume / watch / status: the engine's job facade."""
+
+    def __init__(self, db: Database, daily_gpu_minutes: float = 0.0) -> None:
+        self.db = db
+        self.daily_gpu_minutes = daily_gpu_minutes  # 0 = no budget
+        self.bus = EventBus()
+        self.executor: InProcessExecutor | None = None
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def attach(self, executor: InProcessExecutor) -> None:
+        self.executor = executor
+
+    # --- writing rows ---------------------------------------------------------------------
+    def submit(
+        self, kind: str, request, owner: str = "anonymous", retry_of: str | None = None
+    ) -> tuple[str, str]:
+        """Write the job row now (status queued); returns (job_id, cancel_token)."""
+        if kind not in JOB_KINDS:
+            raise InputError(f"job kind {kind!r} is unknown; allowed: {', '.join(JOB_KINDS)}")
+        if JOB_KINDS[kind].uses_gpu:
+            self.check_budget()
+        token = secrets.token_urlsafe(18)
+        data = request.model_dump(mode="json") if hasattr(request, "model_dump") else dict(request)
+        job = Job(
+            kind=kind,
+            owner=owner or "anonymous",
+            cancel_token_hash=hash_token(token),
+            request=data,
+            model_key=str(
+                data.get("model") or (data.get("base") or {}).get("model") or ""
+            ),  # X/Y/Z, sheets: base
+            retry_of=retry_of,
+        )
+        with self.db.session() as s:
+            s.add(job)
+            s.commit()
+        self.bus.publish(job.id, {"type": "queued", "job_id": job.id})
+        if self.executor:
+            self.executor.submit(job.id)
+        return job.id, token
+
+    def _transition(self, job_id: str, from_statuses: tuple[str, ...], **values) -> bool:
+        """Atomic compare-and-set on status; True if this call made the change."""
+        with self.db.session() as s:
+            res = s.execute(
+                update(Job).where(Job.id == job_id, Job.status.in_(from_statuses)).values(**values)
+            )
+            s.commit()
+            return res.rowcount == 1
+
+    # --- running (called by executors) ----------------------------------------------------
+    def run_job(self, job_id: str, device: str, executor: InProcessExecutor) -> None:
+        job = self.db.get_job(job_id)
+        if job is None or job.status != "queued":
+            return
+        kind = JOB_KINDS.get(job.kind)
+        if kind is None:
+            self._finish(job_id, "failed", error=f"job kind {job.kind!r} is not known to this version")
+            return
+        lock = executor.gpu_lock(device) if kind.uses_gpu else None
+        if lock:
+            lock.acquire()
+        try:
+            if not self._transition(
+                job_id, ("queued",), status="running", started_at=utcnow(), device=device
+            ):
+                return  # cancelled while waiting, or claimed elsewhere
+            self.bus.publish(job_id, {"type": "started", "job_id": job_id, "device": device})
+            self._execute(job, kind, device, executor)
+        finally:
+            if lock:
+                lock.release()
+
+    def _execute(self, job: Job, kind: JobKind, device: str, executor: InProcessExecutor) -> None:
+        started = time.monotonic()
+        last_db = [0.0]
+        last_progress: dict = {}
+
+        def emit(event: dict) -> None:
+            event = {"type": "progress", "job_id": job.id, **event}
+            self.bus.publish(job.id, event)
+            stored = {k: v for k, v in event.items() if k in ("step", "total", "eta", "desc")}
+            last_progress.clear()
+            last_progress.update(stored)
+            now = time.monotonic()
+            if now - last_db[0] >= PROGRESS_DB_INTERVAL_S:
+                last_db[0] = now
+                with self.db.session() as s:
+                    s.execute(update(Job).where(Job.id == job.id).values(progress=stored))
+                    s.commit()
+
+        def is_cancelled() -> bool:
+            return job.id in self._cancelled
+
+        status, error, error_type, result = "succeeded", "", "", {}
+        try:
+            request = kind.parse_request(job.request)
+            runtime = executor.runtime(device)
+            ctx = RunContext(job.id, device, emit, is_cancelled, runtime, attempt=job.attempt)
+            if kind.queue:  # a remote-render job that may fall back to the local GPU takes its lock then
+                ctx.extra["gpu_lock"] = executor.gpu_lock(executor.devices[0])
+            result = kind.load_runner()(request, ctx) or {}
+        except JobCancelledError:
+            status = "cancelled"
+        except InputError as e:
+            status, error, error_type = "failed", str(e), "bad_input"
+        except OutOfMemoryError as e:
+            status, error, error_type = "failed", str(e), "out_of_memory"
+        except (TransientError, ConnectionError, TimeoutError) as e:
+            if job.attempt < job.max_attempts:
+                self._schedule_retry(job, e, executor)
+                return
+            status, error, error_type = "failed", f"{e} (gave up after {job.attempt} attempts)", "transient"
+        except Exception as e:  # record the failure on the job; the worker stays alive
+            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
+            status, error, error_type = "failed", f"{type(e).__name__}: {e}", "error"
+        finally:
+            self._cancelled.discard(job.id)
+        elapsed = time.monotonic() - started
+        gpu = elapsed if device.startswith(("cuda", "mps")) and kind.uses_gpu else 0.0
+        self._finish(
+            job.id,
+            status,
+            result=result,
+            error=error,
+            error_type=error_type,
+            run_seconds=elapsed,
+            gpu_seconds=gpu,
+            progress=last_progress,
+        )
+
+    def _schedule_retry(self, job: Job, exc: Exception, executor: InProcessExecutor) -> None:
+        delay = RETRY_BASE_DELAY_S * 2 ** (job.attempt - 1)
+        self._transition(
+            job.id,
+            ("running",),
+            status="queued",
+            attempt=job.attempt + 1,
+            error=f"attempt {job.attempt} failed: {exc}; retrying in {delay:.0f}s",
+        )
+        self.bus.publish(
+            job.id, {"type": "retrying", "job_id": job.id, "attempt": job.attempt + 1, "delay": delay}
+        )
+        timer = threading.Timer(delay, executor.submit, args=(job.id,))
+        timer.daemon = True
+        timer.start()
+
+    def _finish(
+        self,
+        job_id: str,
+        status: str,
+        result: dict | None = None,
+        error: str = "",
+        error_type: str = "",
+        run_seconds: float = 0.0,
+        gpu_seconds: float = 0.0,
+        progress: dict | None = None,
+    ) -> None:
+        values = {"progress": dict(progress)} if progress else {}
+        self._transition(
+            job_id,
+            ("running", "queued"),
+            status=status,
+            result=result or {},
+            error=error,
+            error_type=error_type,
+            finished_at=utcnow(),
+            run_seconds=run_seconds,
+            gpu_seconds=gpu_seconds,
+            **values,
+        )
+        event = "done" if status == "succeeded" else status
+        self.bus.publish(
+            job_id,
+            {
+                "type": event,
+                "job_id": job_id,
+                "status": status,
+                "result": result or {},
+                "error": error,
+                "error_type": error_type,
+            },
+        )
+
+    # --- control ------------------------------------------------------------------------------
+    def _authorise(self, job: Job, user: str | None, token: str | None) -> None:
+        if user and job.owner == user and user != "anonymous":
+            return
+        if token and secrets.compare_digest(hash_token(token), job.cancel_token_hash):
+            return
+        raise PermissionDeniedError(
+            f"job {job.id}: only its owner or the holder of its cancel token may do this"
+        )
+
+    def require(self, job_id: str) -> Job:
+        job = self.db.get_job(job_id) if job_id else None
+        if job is None:
+            raise NotFoundError(f"job {job_id!r} not found")
+        return job
+
+    def cancel(self, job_id: str, user: str | None = None, token: str | None = None) -> str:
+        job = self.require(job_id)
+        self._authorise(job, user, token)
+        if job.status in TERMINAL_STATUSES:
+            return job.status
+        with self.db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(cancel_requested=True))
+            s.commit()
+        if self._transition(job_id, ("queued",), status="cancelled", finished_at=utcnow()):
+            self.bus.publish(job_id, {"type": "cancelled", "job_id": job_id, "status": "cancelled"})
+            return "cancelled"
+        self._cancelled.add(job_id)  # a running job: the sampler stops at its next step
+        return "cancelling"
+
+    def retry(self, job_id: str, user: str | None = None, token: str | None = None) -> tuple[str, str]:
+        """A new job with the same request (the seed is already fixed, so the same pictures)."""
+        job = self.require(job_id)
+        self._authorise(job, user, token)
+        if job.status not in ("failed", "cancelled", "interrupted", "succeeded"):
+            raise InputError(f"job {job_id} is {job.status}; only finished jobs can be retried")
+        kind = JOB_KINDS[job.kind]
+        return self.submit(job.kind, kind.parse_request(job.request), owner=job.owner, retry_of=job.id)
+
+    def resume(self, job_id: str, user: str | None = None, token: str | None = None) -> str:
+        """Run an interrupted job again from its own row, where its kind can pick up from a checkpoint."""
+        job = self.require(job_id)
+        self._authorise(job, user, token)
+        kind = JOB_KINDS.get(job.kind)
+        if kind is None or not kind.resumable:
+            raise InputError(
+                f"job kind {job.kind!r} cannot resume; use retry (it makes the same images again)"
+            )
+        if not self._transition(job_id, ("interrupted",), status="queued", attempt=job.attempt + 1, error=""):
+            raise InputError(f"job {job_id} is {job.status}; only interrupted jobs can resume")
+        if self.executor:
+            self.executor.submit(job_id)
+        return "queued"
+
+    def resume_interrupted(self) -> list[str]:
+        """Queue again every interrupted job whose kind resumes from a checkpoint (training, downloads)."""
+        kinds = [k for k, v in JOB_KINDS.items() if v.resumable]
+        with self.db.session() as s:
+            ids = list(
+                s.exec(
+                    select(Job.id)
+                    .where(Job.status == "interrupted", Job.kind.in_(kinds))
+                    .order_by(Job.created_at)
+                )
+            )
+        resumed = []
+        for job_id in ids:
+            if self._transition(job_id, ("interrupted",), status="queued", error=""):
+                resumed.append(job_id)
+                if self.executor:
+                    self.executor.submit(job_id)
+        return resumed
+
+    def recover(self) -> dict[str, int]:
+        """At start-up: running -> interrupted; queued -> handed to the executor again (oldest first)."""
+        with self.db.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.status == "running")
+                .values(
+                    status="interrupted", finished_at=utcnow(), error="the app stopped while this job ran"
+                )
+            )
+            s.commit()
+            interrupted = res.rowcount
+            queued = list(s.exec(select(Job.id).where(Job.status == "queued").order_by(Job.created_at)))
+        for job_id in queued:
+            if self.executor:
+                self.executor.submit(job_id)
+        return {"interrupted": interrupted, "requeued": len(queued)}
+
+    # --- reading ---------------------------------------------------------------------------------
+    def status(self, job_id: str) -> dict:
+        job = self.require(job_id)
+        progress = dict(job.progress)
+        live = self.bus.latest(job_id)
+        if live and job.status == "running":
+            progress = {k: live[k] for k in ("step", "total", "eta", "desc") if k in live}
+        kind = JOB_KINDS.get(job.kind)
+        return {
+            "job_id": job.id,
+            "kind": job.kind,
+            "status": job.status,
+            "progress": progress,
+            "result": job.result,
+            "error": job.error,
+            "error_type": job.error_type,
+            "device": job.device,
+            "attempt": job.attempt,
+            "owner": job.owner,
+            "created_at": job.created_at.isoformat(),
+            "started_at": job.started_at.isoformat() if job.started_at else None,
+            "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+            "run_seconds": round(job.run_seconds, 3),
+            "gpu_seconds": round(job.gpu_seconds, 3),
+            "can_resume": bool(kind and kind.resumable and job.status == "interrupted"),
+        }
+
+    def watch(self, job_id: str, heartbeat_s: float = 2.0) -> Iterator[dict]:
+        """Events of one job until it ends. Subscribes before reading the row, so nothing is missed."""
+        q = self.bus.subscribe(job_id)
+        try:
+            job = self.require(job_id)
+            if job.status in TERMINAL_STATUSES:
+                yield self._terminal_event(job)
+                return
+            while True:
+                try:
+                    event = q.get(timeout=heartbeat_s)
+                except queue.Empty:
+                    job = self.require(job_id)
+                    if job.status in TERMINAL_STATUSES:  # e.g. finished by another process
+                        yield self._terminal_event(job)
+                        return
+                    yield {"type": "heartbeat", "job_id": job_id, "status": job.status}
+                    continue
+                yield event
+                if event["type"] in TERMINAL_EVENTS:
+                    return
+        finally:
+            self.bus.unsubscribe(job_id, q)
+
+    @staticmethod
+    def _terminal_event(job: Job) -> dict:
+        kind = "done" if job.status == "succeeded" else job.status
+        return {
+            "type": kind,
+            "job_id": job.id,
+            "status": job.status,
+            "result": job.result,
+            "error": job.error,
+            "error_type": job.error_type,
+        }
+
+    def gpu_seconds_today(self) -> float:
+        """Device-seconds of GPU job kinds finished since 00:00 UTC today."""
+        from sqlalchemy import func
+
+        start = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
+        with self.db.session() as s:
+            used = s.exec(
+                select(func.coalesce(func.sum(Job.gpu_seconds), 0.0)).where(
+                    Job.finished_at.is_not(None), Job.finished_at >= start
+                )
+            ).one()
+        return float(used[0] if isinstance(used, tuple | list) else used)
+
+    def check_budget(self) -> None:
+        if self.daily_gpu_minutes <= 0:
+            return
+        used = self.gpu_seconds_today() / 60
+        if used >= self.daily_gpu_minutes:
+            raise BudgetExceededError(
+                f"the daily GPU budget of {self.daily_gpu_minutes:g} minutes is used up ({used:.1f} min today); "
+                "new GPU jobs are refused until 00:00 UTC. Raise --daily-gpu-minutes (0 = no budget) to go on; "
+                "media jobs (variants, downloads) still run"
+            )
+
+    def usage_by_kind(self, days: int = 30):
+        """Jobs and CPU/GPU seconds per day and job kind (a pandas DataFrame)."""
+        import pandas as pd
+
+        since = utcnow() - timedelta(days=days)
+        with self.db.session() as s:
+            rows = s.exec(
+                select(Job.finished_at, Job.kind, Job.run_seconds, Job.gpu_seconds).where(
+                    Job.finished_at.is_not(None), Job.finished_at >= since
+                )
+            ).all()
+        df = pd.DataFrame(rows, columns=["finished_at", "kind", "run_seconds", "gpu_seconds"])
+        if df.empty:
+            return pd.DataFrame(columns=["day", "kind", "jobs", "run_seconds", "gpu_seconds"])
+        df["day"] = pd.to_datetime(df["finished_at"]).dt.strftime("%Y-%m-%d")
+        out = (
+            df.groupby(["day", "kind"])
+            .agg(
+                jobs=("run_seconds", "size"),
+                run_seconds=("run_seconds", "sum"),
+                gpu_seconds=("gpu_seconds", "sum"),
+            )
+            .reset_index()
+        )
+        return out.sort_values(["day", "kind"], ascending=[False, True]).round(2)
+
+    def usage(self, days: int = 30):
+        """Device-seconds per day and per model (pandas DataFrames)."""
+        import pandas as pd
+
+        since = utcnow() - timedelta(days=days)
+        with self.db.session() as s:
+            rows = s.exec(
+                select(Job.finished_at, Job.model_key, Job.device, Job.run_seconds, Job.gpu_seconds).where(
+                    Job.finished_at.is_not(None), Job.finished_at >= since
+                )
+            ).all()
+        df = pd.DataFrame(rows, columns=["finished_at", "model", "device", "run_seconds", "gpu_seconds"])
+        if df.empty:
+            empty_day = pd.DataFrame(columns=["day", "jobs", "run_seconds", "gpu_seconds"])
+            return empty_day, pd.DataFrame(columns=["model", "jobs", "run_seconds", "gpu_seconds"])
+        df["day"] = pd.to_datetime(df["finished_at"]).dt.strftime("%Y-%m-%d")
+        agg = {
+            "jobs": ("run_seconds", "size"),
+            "run_seconds": ("run_seconds", "sum"),
+            "gpu_seconds": ("gpu_seconds", "sum"),
+        }
+        per_day = df.groupby("day").agg(**agg).reset_index().sort_values("day", ascending=False).round(2)
+        per_model = (
+            df[df["model"] != ""]
+            .groupby("model")
+            .agg(**agg)
+            .reset_index()
+            .sort_values("gpu_seconds", ascending=False)
+            .round(2)
+        )
+        return per_day, per_model

@@ -1,0 +1,1 @@
+"""Models: loading and caching pipelines, single-file checkpoints, downloads, the demo model."""

@@ -1,0 +1,1 @@
+"""The database: SQLModel tables, the Database object, file hashes."""
