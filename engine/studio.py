@@ -38,7 +38,9 @@ from engine.generation.prompts import extract_lora_tags
 from engine.generation.request import GenerateRequest
 from engine.generation.styles import StyleBook
 from engine.generation.xyz import XYZPlotRequest, parse_values
-from engine.jobs.service import COMFY_QUEUE, JOB_KINDS, InProcessExecutor, JobService
+from engine.jobs.executor import InProcessExecutor
+from engine.jobs.kinds import COMFY_QUEUE, JOB_KINDS
+from engine.jobs.service import JobService
 from engine.media.ffmpeg import VIDEO_SUFFIXES
 from engine.media.library import Library, public_item
 from engine.media.tts import SpeechRequest, list_voices, speak

@@ -8,9 +8,9 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from engine.jobs import service as jobs_mod
 from engine.errors import InputError, PermissionDeniedError, TransientError
-from engine.jobs.service import JOB_KINDS, JobKind
+from engine.jobs import service as jobs_mod
+from engine.jobs.kinds import JOB_KINDS, JobKind
 from engine.settings import Settings
 from engine.store.database import Asset, Job
 from engine.studio import Studio

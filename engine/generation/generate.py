@@ -25,7 +25,7 @@ from engine.generation.ip_adapter import attach_ip_adapter, detach_ip_adapter, f
 from engine.generation.prompts import encode_prompts, extract_lora_tags, is_sdxl
 from engine.generation.request import GeneratedImage, GenerateRequest, GenerateResult
 from engine.generation.styles import StyleBook
-from engine.jobs.service import RunContext
+from engine.jobs.kinds import RunContext
 from engine.paths import MODEL_FOLDERS
 from engine.samplers import SAMPLERS, make_scheduler
 from engine.store.database import Asset, Generation, utcnow

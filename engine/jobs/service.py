@@ -10,17 +10,14 @@ and hands `queued` rows to the executor again.
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import queue
 import secrets
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
 
 from sqlalchemy import update
 from sqlmodel import select
@@ -34,285 +31,20 @@ from engine.errors import (
     PermissionDeniedError,
     TransientError,
 )
+from engine.jobs.events import TERMINAL_EVENTS, EventBus
+from engine.jobs.executor import InProcessExecutor
+from engine.jobs.kinds import JOB_KINDS, JobKind, RunContext
 from engine.store.database import TERMINAL_STATUSES, Database, Job, utcnow
 
 log = logging.getLogger(__name__)
 
-TERMINAL_EVENTS = frozenset({"done", "failed", "cancelled", "interrupted"})
+
 PROGRESS_DB_INTERVAL_S = 1.0
 RETRY_BASE_DELAY_S = 1.0
 
 
-@dataclass(frozen=True)
-class JobKind:
-    """How to run one kind of job. `runner` is "module:function" so the UI never imports torch."""
-
-    runner: str
-    request_type: str  # "module:Class"
-    uses_gpu: bool = True
-    resumable: bool = False
-    queue: str = ""  # its own worker queue (e.g. "comfyui": remote renders); "" = the device's or media's
-
-    def load_runner(self) -> Callable[[Any, RunContext], dict]:
-        module, _, fn = self.runner.partition(":")
-        return getattr(importlib.import_module(module), fn)
-
-    def parse_request(self, data: dict):
-        module, _, cls = self.request_type.partition(":")
-        return getattr(importlib.import_module(module), cls).build(**data)
-
-
-COMFY_QUEUE = "comfyui"
-JOB_KINDS: dict[str, JobKind] = {
-    "generate": JobKind(
-        "engine.generation.generate:run_generate_job", "engine.generation.request:GenerateRequest"
-    ),
-    "xyz_plot": JobKind("engine.generation.xyz:run_xyz_job", "engine.generation.xyz:XYZPlotRequest"),
-    "download": JobKind(
-        "engine.model_manager.downloads:run_download_job",
-        "engine.model_manager.downloads:DownloadRequest",
-        uses_gpu=False,
-        resumable=True,
-    ),
-    "variants": JobKind(
-        "engine.media.variants:run_variants_job", "engine.media.variants:VariantsRequest", uses_gpu=False
-    ),
-    "cleanup": JobKind(
-        "engine.media.variants:run_cleanup_job", "engine.media.variants:CleanupRequest", uses_gpu=False
-    ),
-    "motion_clip": JobKind(
-        "engine.media.variants:run_motion_job", "engine.media.variants:MotionClipRequest", uses_gpu=False
-    ),
-    "join_clips": JobKind(
-        "engine.media.variants:run_join_job", "engine.media.variants:JoinClipsRequest", uses_gpu=False
-    ),
-    "ingest": JobKind(
-        "engine.characters.datasets:run_ingest_job",
-        "engine.characters.datasets:IngestRequest",
-        uses_gpu=False,
-    ),
-    "caption": JobKind(
-        "engine.characters.datasets:run_caption_job",
-        "engine.characters.datasets:CaptionRequest",
-        uses_gpu=False,
-    ),
-    # rendered by ComfyUI servers: its own workers (as many as the pool takes at once), never a local GPU slot
-    "comfy_generate": JobKind(
-        "engine.comfyui.generate:run_comfy_generate_job",
-        "engine.generation.request:GenerateRequest",
-        uses_gpu=False,
-        queue=COMFY_QUEUE,
-    ),
-    "train_lora": JobKind(
-        "engine.training.job:run_train_job", "engine.training.job:TrainJobRequest", resumable=True
-    ),
-    "train_lora_kohya": JobKind(
-        "engine.training.kohya:run_kohya_job", "engine.training.job:TrainJobRequest", resumable=True
-    ),
-    "upscale": JobKind("engine.upscale.job:run_upscale_job", "engine.upscale.job:UpscaleRequest"),
-    "generate_video": JobKind("engine.video.job:run_video_job", "engine.video.job:VideoRequest"),
-    "reference_sheet": JobKind(
-        "engine.characters.reference_sheet:run_reference_sheet_job",
-        "engine.characters.reference_sheet:ReferenceSheetRequest",
-    ),
-}
-
-
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
-
-
-class EventBus:
-    """Per-job fan-out of events to any number of watchers; remembers the latest progress."""
-
-    def __init__(self) -> None:
-        self._subs: dict[str, list[queue.Queue]] = {}
-        self._latest: dict[str, dict] = {}
-        self._lock = threading.Lock()
-
-    def subscribe(self, job_id: str) -> queue.Queue:
-        q: queue.Queue = queue.Queue()
-        with self._lock:
-            self._subs.setdefault(job_id, []).append(q)
-            if job_id in self._latest:
-                q.put(self._latest[job_id])
-        return q
-
-    def unsubscribe(self, job_id: str, q: queue.Queue) -> None:
-        with self._lock:
-            subs = self._subs.get(job_id, [])
-            if q in subs:
-                subs.remove(q)
-            if not subs:
-                self._subs.pop(job_id, None)
-
-    def publish(self, job_id: str, event: dict) -> None:
-        with self._lock:
-            if event["type"] == "progress":
-                self._latest[job_id] = event
-            elif event["type"] in TERMINAL_EVENTS:
-                self._latest.pop(job_id, None)
-            subs = list(self._subs.get(job_id, []))
-        for q in subs:
-            q.put(event)
-
-    def latest(self, job_id: str) -> dict | None:
-        with self._lock:
-            return self._latest.get(job_id)
-
-
-@dataclass
-class RunContext:
-    """What a runner gets: its job, a way to report progress, and a way to learn of cancel."""
-
-    job_id: str
-    device: str
-    emit: Callable[[dict], None]
-    is_cancelled: Callable[[], bool]
-    runtime: Any  # engine.runtime.WorkerRuntime
-    attempt: int = 1
-    extra: dict = field(default_factory=dict)
-
-    def check_cancelled(self) -> None:
-        if self.is_cancelled():
-            raise JobCancelledError(f"job {self.job_id} was cancelled")
-
-    def part(self, n: int, count: int, label: str) -> RunContext:
-        """The context for part n of count (an X/Y/Z cell, a sheet view): its step events are rescaled
-        onto the whole job's progress and described as "<label> n+1/count, ..."."""
-
-        def emit(event: dict) -> None:
-            if "step" in event:
-                event = {
-                    **event,
-                    "step": n * event["total"] + event["step"],
-                    "total": event["total"] * count,
-                    "desc": f"{label} {n + 1}/{count}, {event.get('desc', '')}",
-                }
-            self.emit(event)
-
-        return RunContext(
-            self.job_id, self.device, emit, self.is_cancelled, self.runtime, self.attempt, self.extra
-        )
-
-
-MEDIA_QUEUE = "media"
-
-
-class InProcessExecutor:
-    """One queue per device, served by `jobs_per_device` threads; GPU kinds also hold a device lock
-    so a device never runs two diffusion jobs at once. Kinds that do not use the GPU (variant batches,
-    downloads, clips, cleanup) have their own queue and thread, so they never wait behind diffusion
-    jobs nor hold them up."""
-
-    def __init__(
-        self,
-        service: JobService,
-        devices: list[str],
-        jobs_per_device: int,
-        runtime_factory,
-        extra_queues: dict[str, int] | None = None,
-    ) -> None:
-        self.service = service
-        self.devices = devices
-        self.extra_queues = {name: n for name, n in (extra_queues or {}).items() if n > 0}
-        self._queues = {d: queue.Queue() for d in [*devices, MEDIA_QUEUE, *self.extra_queues]}
-        self._gpu_locks = {d: threading.Lock() for d in devices}
-        self._runtime_factory = runtime_factory
-        self._runtimes: dict[str, Any] = {}
-        self._runtime_lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self.jobs_per_device = jobs_per_device
-
-    def start(self) -> None:
-        for device in self.devices:
-            for i in range(self.jobs_per_device):
-                t = threading.Thread(
-                    target=self._loop, args=(device,), name=f"worker-{device}-{i}", daemon=True
-                )
-                t.start()
-                self._threads.append(t)
-        t = threading.Thread(target=self._loop, args=(MEDIA_QUEUE,), name="worker-media", daemon=True)
-        t.start()
-        self._threads.append(t)
-        for name, count in self.extra_queues.items():
-            for i in range(count):
-                t = threading.Thread(target=self._loop, args=(name,), name=f"worker-{name}-{i}", daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def stop(self) -> None:
-        self._stop.set()
-        for q in self._queues.values():
-            q.put(None)
-        for t in self._threads:
-            t.join(timeout=5)
-
-    def submit(self, job_id: str) -> None:
-        job = self.service.db.get_job(job_id)
-        kind = JOB_KINDS.get(job.kind) if job is not None else None
-        if kind is not None and kind.queue:
-            if kind.queue not in self._queues:
-                self.service._finish(
-                    job_id,
-                    "failed",
-                    error=f"no workers for {job.kind} jobs (is it configured?)",
-                    error_type="InputError",
-                )
-                return
-            self._queues[kind.queue].put(job_id)
-            return
-        self._queues[MEDIA_QUEUE if kind is not None and not kind.uses_gpu else self.devices[0]].put(job_id)
-
-    def warm(self, model: str) -> None:
-        """Load `model` on every device in the background, so the first job does not wait for it."""
-        for device in self.devices:
-            self._queues[device].put(("warm", model))
-
-    def capacity(self) -> dict[str, int]:
-        return {d: self._queues[d].qsize() for d in self.devices}
-
-    def runtime(self, device: str):
-        if device == MEDIA_QUEUE or device in self.extra_queues:  # the runtime's database and folders only
-            device = self.devices[0]
-        with self._runtime_lock:
-            if device not in self._runtimes:
-                self._runtimes[device] = self._runtime_factory(device)
-            return self._runtimes[device]
-
-    def _loop(self, device: str) -> None:
-        q = self._queues[device]
-        while not self._stop.is_set():
-            job_id = q.get()
-            if job_id is None:
-                return
-            if isinstance(job_id, tuple):  # ("warm", model)
-                self._warm(device, job_id[1])
-                continue
-            try:
-                self.service.run_job(job_id, device, self)
-            except Exception:  # a bug in the job machinery must not kill the worker
-                log.exception("worker %s crashed on job %s", device, job_id)
-
-    def _warm(self, device: str, model: str) -> None:
-        with self._gpu_locks[device]:
-            try:
-                self.runtime(device).models.get(model)
-            except Exception:  # a broken default model shows up on the first job, with its real error
-                log.exception("could not preload %s on %s", model, device)
-
-    def unload_models(self) -> None:
-        """Free every device's loaded pipelines (waits for the running diffusion job, if any)."""
-        for device in self.devices:
-            with self._gpu_locks[device], self._runtime_lock:
-                runtime = self._runtimes.get(device)
-            if runtime is not None:
-                with self._gpu_locks[device]:
-                    runtime.models.unload()
-
-    def gpu_lock(self, device: str) -> threading.Lock:
-        return self._gpu_locks[device]
 
 
 class JobService:

@@ -25,7 +25,7 @@ from sqlmodel import col, select
 
 from engine.artifacts import atomic_write
 from engine.errors import InputError, JobCancelledError, TransientError
-from engine.jobs.service import RunContext
+from engine.jobs.kinds import RunContext
 from engine.media.ffmpeg import VariantSpec, render_variant
 from engine.media.library import Library, public_item
 from engine.media.motion import MotionSpec, concat_clips, render_motion

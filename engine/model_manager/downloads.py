@@ -39,7 +39,7 @@ from engine.requests import RequestBase
 if TYPE_CHECKING:
     import httpx
 
-    from engine.jobs.service import RunContext
+    from engine.jobs.kinds import RunContext
 
 Progress = Callable[[int, int | None, str], None]  # (bytes done, bytes in all or None, what)
 Cancelled = Callable[[], bool]

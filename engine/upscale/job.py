@@ -20,7 +20,7 @@ from engine.artifacts import save_png, sha256_file
 from engine.errors import InputError, NotFoundError
 from engine.gallery.pnginfo import PARAMETERS_CHUNK, RECIPE_CHUNK, read_image_metadata, recipe_of
 from engine.gallery.records import add_generation, ensure_thumbnail, thumbnail_path
-from engine.jobs.service import RunContext
+from engine.jobs.kinds import RunContext
 from engine.media.ffmpeg import VIDEO_SUFFIXES, probe, tag_video
 from engine.requests import MAX_SEED, RequestBase
 from engine.store.database import Asset, Generation, utcnow

@@ -25,7 +25,7 @@ from engine.errors import InputError, NotFoundError
 from engine.gallery.records import add_generation, thumbnail_path
 from engine.generation.generate import generate_images
 from engine.generation.request import GenerateRequest
-from engine.jobs.service import RunContext
+from engine.jobs.kinds import RunContext
 from engine.media.ffmpeg import probe, tag_video
 from engine.media.motion import MotionSpec, render_motion
 from engine.requests import MAX_SEED, LoraSpec, RequestBase, parse_loras

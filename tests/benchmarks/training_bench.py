@@ -86,7 +86,8 @@ def prepare(root: Path) -> tuple[Path, list[dict]]:
 
 
 def worker_ours(model_dir: Path, images: list[dict], work: Path, steps: int, cache: bool) -> dict:
-    from engine.jobs.service import PROGRESS_DB_INTERVAL_S, EventBus
+    from engine.jobs.events import EventBus
+    from engine.jobs.service import PROGRESS_DB_INTERVAL_S
     from engine.store.database import Database, Job
     from engine.training.job import EMIT_INTERVAL_S
     from engine.training.trainer import TrainLoraRequest, train_lora
