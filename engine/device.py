@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import gc
+import traceback
 from dataclasses import dataclass
 
-from engine.errors import InputError
+from engine.errors import InputError, OutOfMemoryError
 
 _DTYPES = {
     "float16": "float16",
@@ -73,6 +74,29 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and (
         "out of memory" in text or "can't allocate memory" in text or "not enough memory" in text
     )
+
+
+class oom_guard:  # a context manager, named like contextlib.suppress
+    """`with oom_guard(device, message):` an out-of-memory error raised inside (is_out_of_memory) becomes
+    OutOfMemoryError(message) once the failed call's frames are cleared and the device's cached memory is
+    freed; the worker stays alive. Every other exception, and an OutOfMemoryError that already says what to
+    lower (from a guard further in), passes unchanged. Recoverable out-of-memory (halve the tile, retry)
+    is handled where it happens, before it reaches a guard."""
+
+    def __init__(self, device: str, message: str) -> None:
+        self.device, self.message = device, message
+
+    def __enter__(self) -> oom_guard:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None or isinstance(exc, OutOfMemoryError) or not isinstance(exc, Exception):
+            return
+        if not is_out_of_memory(exc):
+            return
+        traceback.clear_frames(tb)  # the failed call's locals hold its tensors: release them before freeing
+        free_memory(self.device)
+        raise OutOfMemoryError(self.message) from None
 
 
 def free_memory(device: str) -> None:

@@ -8,6 +8,7 @@ is allowed.
 from __future__ import annotations
 
 import re
+import secrets
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -16,6 +17,13 @@ from engine.errors import InputError
 
 MAX_SEED = 2**32 - 1
 LORA_SPEC = re.compile(r"^\s*(?P<name>[^:<>]+?)\s*(?::\s*(?P<weight>-?\d+(?:\.\d+)?)\s*)?$")
+
+
+def resolve_seed(value: Any) -> Any:
+    """A seed as the request records it: None or -1 means a random one, drawn now; anything else as given."""
+    if value is None or int(value) == -1:
+        return secrets.randbelow(MAX_SEED + 1)
+    return value
 
 
 class LoraSpec(BaseModel):

@@ -1,23 +1,32 @@
 """WorkerRuntime: what a device worker needs to run any job kind.
 
-A pipeline cache (the ModelManager), the step callback that turns diffusers steps into progress
-events with a cheap latent preview and honours cancel within one step, and out-of-memory
-handling (free, report what to lower, stay alive).
+Every warm-model cache a worker keeps (image pipelines, upscale models, the video pipeline; training keeps
+none: each run loads its own copy), the one memory policy that decides which of them a job of each kind
+empties first (`make_room`), out-of-memory handling (`oom_guard`: free, report what to lower, stay alive),
+the services runners share (characters, datasets, library), and the step callback that turns diffusers
+steps into progress events with a cheap latent preview and honours cancel within one step.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from engine.device import DevicePlan, free_memory, is_out_of_memory
-from engine.errors import JobCancelledError, OutOfMemoryError
+from engine.characters.characters import Characters
+from engine.characters.datasets import Datasets
+from engine.device import DevicePlan, oom_guard
+from engine.errors import JobCancelledError
+from engine.media.library import Library
+from engine.media.variants import library_root
 from engine.model_manager.pipelines import ModelManager
 from engine.store.database import Database
 from engine.store.hashing import HashCache
+from engine.upscale.upscalers import UpscalerCache
+from engine.video.generate import VideoPipelines
 
 # A1111's "Approx cheap" latent -> RGB factors for SD 1.x/2.x latents.
 SD1_LATENT_RGB = (
@@ -43,15 +52,38 @@ def latent_preview(latents):
     return Image.fromarray(rgb)
 
 
+# The memory policy, in one place: the warm caches a job of each kind empties before it runs (its own
+# cache stays warm). On a GPU the big ones do not share the device: image pipelines, the video pipeline,
+# the SD x4 upscaler (loaded per job) and a training run each want it to themselves, and training empties
+# everything; upscale models (a few MB to ~70 MB) and image pipelines fit together. On the CPU, RAM is
+# plentiful and warm pipelines save minutes, so only training (which loads its own copy of the model)
+# empties the image pipelines.
+CACHES = ("models", "upscalers", "video_pipes")
+ROOM_ON_GPU: dict[str, tuple[str, ...]] = {
+    "image": ("video_pipes",),
+    "upscale": ("video_pipes",),
+    "upscale_sd_x4": ("models", "video_pipes"),
+    "video": ("models", "upscalers"),
+    "train": ("models", "upscalers", "video_pipes"),
+}
+ROOM_ON_CPU: dict[str, tuple[str, ...]] = {kind: () for kind in ROOM_ON_GPU} | {"train": ("models",)}
+
+
 @dataclass
 class WorkerRuntime:
     plan: DevicePlan
-    models: ModelManager
+    models: ModelManager  # image pipelines (+ refiner, ControlNets, LoRAs), keyed by model hash
     db: Database
     outputs_dir: Path
     version: str
     styles_path: Path | None = None  # A1111-compatible styles.csv
     settings: Any = None  # engine.settings.Settings: ingest roots, vision endpoint, cache folder
+    # the other warm caches: created empty here, filled by the jobs that use them
+    upscalers: UpscalerCache = field(default_factory=UpscalerCache)  # spandrel upscale models (LRU)
+    video_pipes: VideoPipelines = field(init=False)  # the one loaded video pipeline
+
+    def __post_init__(self) -> None:
+        self.video_pipes = VideoPipelines(self.plan)
 
     @classmethod
     def create(
@@ -81,6 +113,52 @@ class WorkerRuntime:
 
         models = ModelManager(models_dir, plan, HashCache(db), configs_dir=configs_dir, cache_dir=cache_dir)
         return cls(plan, models, db, outputs_dir, version, styles_path, settings)
+
+    # --- the services runners share, built once per runtime ------------------------------------
+    @cached_property
+    def characters(self) -> Characters:
+        return Characters(self.db, self.models.roots.models_dir)
+
+    @cached_property
+    def datasets(self) -> Datasets:
+        return Datasets(self.db, self.outputs_dir, self.characters)
+
+    @cached_property
+    def library(self) -> Library:
+        return Library(self.db, library_root(self.outputs_dir))
+
+    # --- memory -------------------------------------------------------------------------------
+    def make_room(self, kind: str) -> None:
+        """Before a job of `kind` runs: empty the warm caches it does not share the device with (ROOM_ON_GPU,
+        ROOM_ON_CPU). An empty cache costs nothing to empty again."""
+        rules = ROOM_ON_GPU if self.plan.is_gpu else ROOM_ON_CPU
+        if kind not in rules:
+            raise ValueError(f"make_room: kind={kind!r} is unknown; allowed: {', '.join(rules)}")
+        for name in rules[kind]:
+            self.empty(name)
+
+    def unload_all(self) -> None:
+        """Empty every warm cache (the Models tab's "Unload"); the next job of each kind loads again."""
+        for name in CACHES:
+            self.empty(name)
+
+    def empty(self, cache: str) -> None:
+        """Drop what one warm cache holds and return its memory ("models", "upscalers" or "video_pipes")."""
+        if cache == "models":
+            self.models.unload()
+        elif cache == "upscalers":
+            self.upscalers.clear()
+        elif cache == "video_pipes":
+            self.video_pipes.unload()
+        else:
+            raise ValueError(f"cache={cache!r} is unknown; allowed: {', '.join(CACHES)}")
+
+    def oom_guard(self, advice: str) -> oom_guard:
+        """`with rt.oom_guard("lower X or Y"):` an out-of-memory error inside becomes OutOfMemoryError naming
+        the device and the advice, after the device's memory is freed; other errors pass unchanged."""
+        return oom_guard(
+            self.plan.device, f"out of memory on {self.plan.device} ({self.plan.dtype}): {advice}"
+        )
 
     def step_callback(
         self,
@@ -120,10 +198,3 @@ class WorkerRuntime:
             return {}
 
         return callback
-
-    def out_of_memory(self, exc: BaseException, advice: str) -> OutOfMemoryError:
-        """Free what we can and turn the exception into one that says what to lower."""
-        free_memory(self.plan.device)
-        return OutOfMemoryError(f"out of memory on {self.plan.device} ({self.plan.dtype}): {advice}")
-
-    is_out_of_memory = staticmethod(is_out_of_memory)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from engine.artifacts import atomic_write
 from engine.errors import InputError
-from engine.model_manager.checkpoints import SHIPPED_CONFIGS
+from engine.paths import SHIPPED_CONFIGS
 
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 DEVICE_CHOICES = ("auto", "cuda", "cpu", "mps")

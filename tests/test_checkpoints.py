@@ -21,6 +21,7 @@ from engine.model_manager.checkpoints import (
     inspect_checkpoint,
     read_state_dict,
 )
+from engine.paths import SHIPPED_CONFIGS
 from tests.test_generate import pixels, run
 
 U = "model.diffusion_model."
@@ -140,7 +141,7 @@ def test_tensor_only_ckpt_reads_and_unwraps_state_dict(tmp_path):
 
 def test_shipped_config_folders_read_as_their_families():
     labels = {
-        name: checkpoints.folder_family(checkpoints.SHIPPED_CONFIGS / name)
+        name: checkpoints.folder_family(SHIPPED_CONFIGS / name)
         for name in ("sd1", "sd2", "sdxl", "sdxl-refiner")
     }
     assert labels == {
@@ -152,7 +153,7 @@ def test_shipped_config_folders_read_as_their_families():
 
 
 def test_config_folder_patches_variants_and_builds_clip_vocab(tmp_path, model_configs):
-    shipped = checkpoints.SHIPPED_CONFIGS
+    shipped = SHIPPED_CONFIGS
     if (shipped / "sd1" / "model_index.json").is_file():
         folder = config_folder(checkpoints.describe("inpainting", "epsilon", False, "t"), shipped, tmp_path)
         assert json.loads((folder / "unet/config.json").read_text())["in_channels"] == 9

@@ -459,6 +459,20 @@ def test_generation_detail_has_the_full_record(db, outputs):
         generation_detail(db, "no-such-id")
 
 
+def test_a_row_without_sampling_lists_and_details_as_none(db, outputs):
+    """An upscaled upload or a camera clip has no seed, steps, CFG or sampler: None, never a made-up zero."""
+    gen = add_image(db, outputs, mode="upscale", seed=6)
+    with db.session() as s:
+        row = s.get(Generation, gen.id)
+        row.seed = row.steps = row.cfg_scale = row.sampler = None
+        s.add(row)
+        s.commit()
+    (item,) = gallery_page(db, GalleryQuery(mode="upscale")).items
+    assert item.generation_id == gen.id and item.seed is None
+    d = generation_detail(db, gen.id)
+    assert (d.seed, d.steps, d.cfg_scale, d.sampler, d.mode) == (None, None, None, None, "upscale")
+
+
 # --- validation ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("kwargs", "message"),

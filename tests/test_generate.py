@@ -10,6 +10,7 @@ from PIL import Image
 
 from engine.errors import InputError, NotFoundError
 from engine.gallery.infotext import PARAM_RE, parse_infotext
+from engine.generation.request import GenerateRequest
 from engine.samplers import SAMPLER_NAMES
 
 BASE = dict(
@@ -177,3 +178,60 @@ def test_non_image_upload_fails_clearly(studio):
     job_id, _ = studio.submit_generate({**BASE, "seed": 1, "init_image": str(bad)})
     last = list(studio.watch(job_id))[-1]
     assert last["type"] == "failed" and "not a readable image" in last["error"]
+
+
+# --- what was rendered is what is recorded --------------------------------------------------------------
+def _finish(studio, job_id: str) -> dict:
+    last = list(studio.watch(job_id))[-1]
+    assert last["type"] == "done", last
+    return last["result"]
+
+
+def test_a_retried_job_keeps_its_styles_after_styles_csv_changes(studio):
+    book = studio.styles()
+    book.save("retry-look", "{prompt}, oil painting", "lowres")
+    job_id, token = studio.submit_generate({**BASE, "seed": 61, "steps": 2, "styles": "retry-look"})
+    snapshot = [{"name": "retry-look", "prompt": "{prompt}, oil painting", "negative_prompt": "lowres"}]
+    assert studio.jobs.require(job_id).request["style_snapshot"] == snapshot  # frozen at submission
+    first = _finish(studio, job_id)
+
+    book.save("retry-look", "{prompt}, watercolor", "sketch")  # edited after the job ran
+    again = _finish(studio, studio.retry(job_id, token=token)[0])
+    fresh = run(studio, seed=61, steps=2, styles="retry-look")
+
+    old, new = (parse_infotext(r["images"][0]["infotext"]) for r in (again, fresh))
+    assert old["Prompt"] == "a red fox, portrait, oil painting" and old["Negative prompt"] == "blurry, lowres"
+    assert new["Prompt"] == "a red fox, portrait, watercolor" and new["Negative prompt"] == "blurry, sketch"
+    assert again["images"][0]["infotext"] == first["images"][0]["infotext"]
+    assert np.array_equal(pixels(first), pixels(again)) and not np.array_equal(pixels(first), pixels(fresh))
+    recipe = json.loads(Image.open(again["images"][0]["path"]).text["studionova"])
+    assert recipe["request"]["style_snapshot"] == snapshot
+    row = studio.generation(again["images"][0]["generation_id"])
+    assert row.prompt == "a red fox, portrait, oil painting" and row.negative_prompt == "blurry, lowres"
+
+
+def test_the_infotext_prompt_is_the_prompt_the_pixels_were_made_from(studio):
+    studio.styles().save("made-from", "film grain, {prompt}", "jpeg artifacts")
+    styled = run(studio, seed=62, steps=2, styles="made-from")
+    info = parse_infotext(styled["images"][0]["infotext"])
+    assert info["Prompt"] == "film grain, a red fox, portrait"
+    # the recorded prompts, typed in plainly with no style, render the very same pixels
+    plain = run(studio, seed=62, steps=2, prompt=info["Prompt"], negative_prompt=info["Negative prompt"])
+    assert np.array_equal(pixels(styled), pixels(plain))
+    row = studio.generation(styled["images"][0]["generation_id"])
+    assert (row.prompt, row.negative_prompt) == (info["Prompt"], info["Negative prompt"])
+
+
+def test_a_job_submitted_before_style_snapshots_reads_styles_csv(studio):
+    studio.styles().save("old-row", "{prompt}, sepia", "")
+    request = studio.build_generate_request({**BASE, "seed": 63, "steps": 2, "styles": "old-row"})
+    old = request.model_dump(mode="json", exclude={"style_snapshot"})  # as an older StudioNOVA stored it
+    result = _finish(studio, studio.jobs.submit("generate", old)[0])
+    assert parse_infotext(result["images"][0]["infotext"])["Prompt"] == "a red fox, portrait, sepia"
+
+
+def test_style_names_are_checked_and_the_snapshot_matches_them(studio):
+    with pytest.raises(InputError, match="style_snapshot must hold the styles named in styles"):
+        GenerateRequest.build(**BASE, styles=["a"], style_snapshot=[{"name": "b"}])
+    with pytest.raises(NotFoundError, match="style 'nowhere' not found"):
+        studio.submit_generate({**BASE, "styles": "nowhere"})

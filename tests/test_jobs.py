@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from engine.errors import InputError, PermissionDeniedError, TransientError
 from engine.jobs import service as jobs_mod
-from engine.jobs.kinds import JOB_KINDS, JobKind
+from engine.jobs.kinds import JobKind
 from engine.settings import Settings
 from engine.store.database import Asset, Job
 from engine.studio import Studio
@@ -44,9 +44,10 @@ def flaky_runner(req: FlakyRequest, ctx) -> dict:
 
 
 @pytest.fixture
-def flaky_kind(monkeypatch):
+def flaky_kind(studio, monkeypatch):
+    assert studio.executor.kinds is studio.jobs.kinds  # one registry, shared by the service and its executor
     monkeypatch.setitem(
-        JOB_KINDS,
+        studio.jobs.kinds,
         "flaky",
         JobKind("tests.test_jobs:flaky_runner", "tests.test_jobs:FlakyRequest", uses_gpu=False),
     )

@@ -301,9 +301,9 @@ def test_xyz_grid_cells_equal_single_renders(studio):
     cell = np.asarray(Image.open(cells[(1, 1)]).convert("RGB"), dtype=np.int16)
     assert np.array_equal(cell, pixels(single))
     with pytest.raises(InputError, match="Prompt S/R"):
-        studio.build_xyz_request(base, {"x_type": "Prompt S/R", "x_values": "dog, cat"})
+        studio.generator.build_xyz_request(base, {"x_type": "Prompt S/R", "x_values": "dog, cat"})
     with pytest.raises(InputError, match="cells; at most"):
-        studio.build_xyz_request(
+        studio.generator.build_xyz_request(
             base, {"x_type": "Seed", "x_values": "1-20", "y_type": "Steps", "y_values": "1-6"}
         )
 

@@ -135,10 +135,8 @@ def test_model_channel_counts(models, cache):
 def test_cache_is_lru_and_frees_evicted_models(models, monkeypatch):
     import torch
 
-    import engine.device
-
     freed: list[str] = []
-    monkeypatch.setattr(engine.device, "free_memory", lambda device: freed.append(device))
+    monkeypatch.setattr(upscale, "free_memory", lambda device: freed.append(device))
     small = upscale.UpscalerCache(max_models=1)
     first = small.get(models["receptive"], CPU)
     assert small.get(models["receptive"], CPU) is first
@@ -225,8 +223,6 @@ def test_out_of_memory_halves_the_tile_and_succeeds(models, cache, monkeypatch):
     import torch
     from spandrel import ImageModelDescriptor
 
-    import engine.device
-
     real_call = ImageModelDescriptor.__call__
     sides: list[int] = []
     freed: list[str] = []
@@ -239,7 +235,7 @@ def test_out_of_memory_halves_the_tile_and_succeeds(models, cache, monkeypatch):
         return real_call(self, image)
 
     monkeypatch.setattr(ImageModelDescriptor, "__call__", small_tiles_only)
-    monkeypatch.setattr(engine.device, "free_memory", lambda device: freed.append(device))
+    monkeypatch.setattr(upscale, "free_memory", lambda device: freed.append(device))
     image = _noise(300, 300)
     out = upscale.upscale_image(image, models["receptive"], scale=1.0, cache=cache, tile=256)
     assert out.size == (300, 300) and freed == ["cpu"]

@@ -48,6 +48,10 @@ def test_camera_clip_on_a_generated_first_frame_then_upscaled_from_the_gallery(s
     first = studio.generation(recipe["first_frame"]["generated"])
     assert first.prompt == "a lighthouse at dusk" and first.mode == "txt2img" and first.seed == 21
     assert clip["frames"] == 8 and (clip["width"], clip["height"]) == (64, 64)
+    row = studio.generation(clip["generation_id"])  # a camera move draws no noise and takes no steps
+    assert (row.seed, row.steps, row.cfg_scale, row.sampler) == (None, None, None, None) and clip[
+        "seed"
+    ] is None
 
     up_id, _ = studio.submit_upscale(
         {"generation_ids": clip["generation_id"], "upscaler": "Lanczos", "scale": 2}
@@ -112,3 +116,35 @@ def test_an_upscale_model_of_unknown_architecture_is_refused_before_a_job(studio
             studio.submit_upscale({"images": [_upload(studio, "m.png")], "upscaler": "mystery"})
     finally:
         path.unlink()
+
+
+def test_upscale_rows_record_sampling_only_where_it_happened(studio):
+    """An upload upscaled by Lanczos had no seed, steps, CFG or sampler: its row says None (not zeros) and
+    the gallery lists it; SD x4 did sample, so its steps, CFG and seed are kept."""
+    job_id, _ = studio.submit_upscale(
+        {"images": [_upload(studio, "plain.png")], "upscaler": "Lanczos", "scale": 2}
+    )
+    plain = studio.generation(studio.run_and_wait(job_id)["items"][0]["generation_id"])
+    assert (plain.mode, plain.seed, plain.steps, plain.cfg_scale, plain.sampler) == (
+        "upscale",
+        None,
+        None,
+        None,
+        None,
+    )
+    listed = {i.generation_id: i for i in studio.gallery(mode="upscale", page_size=200).items}
+    assert listed[plain.generation_id].seed is None
+
+    job_id, _ = studio.submit_upscale(
+        {
+            "images": [_upload(studio, "x4.png", size=(32, 32))],
+            "upscaler": "SD x4: tiny-sd-x4",
+            "scale": 4,
+            "prompt": "a lighthouse",
+            "steps": 2,
+            "cfg_scale": 5.0,
+            "seed": 3,
+        }
+    )
+    x4 = studio.generation(studio.run_and_wait(job_id)["items"][0]["generation_id"])
+    assert (x4.seed, x4.steps, x4.cfg_scale, x4.prompt) == (3, 2, 5.0, "a lighthouse")

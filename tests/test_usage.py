@@ -8,6 +8,7 @@ import pytest
 
 from engine.errors import BudgetExceededError, InputError
 from engine.jobs.service import JobService
+from engine.registry import job_kinds
 from engine.settings import Settings
 from engine.store.database import Database, Job, utcnow
 
@@ -37,7 +38,7 @@ def finished(db, kind: str, gpu_s: float, days_ago: float = 0.0) -> None:
 
 
 def test_daily_gpu_budget_refuses_gpu_jobs_only(db):
-    jobs = JobService(db, daily_gpu_minutes=2)
+    jobs = JobService(db, job_kinds(), daily_gpu_minutes=2)
     finished(db, "generate", 100, days_ago=1.5)  # yesterday's minutes do not count
     finished(db, "generate", 90)
     jobs.submit("generate", {"prompt": "x"})  # 1.5 of 2 minutes used: still allowed
@@ -47,8 +48,8 @@ def test_daily_gpu_budget_refuses_gpu_jobs_only(db):
     ):
         jobs.submit("generate", {"prompt": "x"})
     jobs.submit("variants", {"videos": ["v"]})  # media jobs still run
-    assert JobService(db).daily_gpu_minutes == 0  # no budget by default
-    JobService(db).submit("generate", {"prompt": "x"})
+    assert JobService(db, job_kinds()).daily_gpu_minutes == 0  # no budget by default
+    JobService(db, job_kinds()).submit("generate", {"prompt": "x"})
 
 
 def test_usage_by_kind_groups_days_and_kinds(db):
@@ -56,7 +57,7 @@ def test_usage_by_kind_groups_days_and_kinds(db):
     finished(db, "generate", 5)
     finished(db, "variants", 0)
     finished(db, "generate", 7, days_ago=3)
-    df = JobService(db).usage_by_kind()
+    df = JobService(db, job_kinds()).usage_by_kind()
     today = df[df["day"] == utcnow().strftime("%Y-%m-%d")]
     got = {r["kind"]: (r["jobs"], r["gpu_seconds"]) for r in today.to_dict(orient="records")}
     assert got == {"generate": (2, 15.0), "variants": (1, 0.0)} and len(df) == 3

@@ -362,21 +362,6 @@ class Datasets:
             **self.readiness(character_id),
         }
 
-    def delete_items(self, character_id: str, item_ids: list[str]) -> int:
-        """Remove items for good: rows first, then their files."""
-        with self.db.session() as s:
-            rows = [
-                r
-                for r in s.exec(select(DatasetItem).where(col(DatasetItem.id).in_(item_ids)))
-                if r.character_id == character_id
-            ]
-            for r in rows:
-                s.delete(r)
-            s.commit()
-        for r in rows:
-            Path(r.path).unlink(missing_ok=True)
-        return len(rows)
-
     # --- captions -------------------------------------------------------------------------------
     def set_caption(self, item_id: str, caption: str) -> dict:
         with self.db.session() as s:
@@ -497,9 +482,8 @@ def _phash(image) -> str:
 # --- jobs ---------------------------------------------------------------------------------------
 def run_ingest_job(req: IngestRequest, ctx) -> dict:
     """Ingest as a media job: per-source progress; a bad file is skipped with its reason, others go on."""
-    rt = ctx.runtime
-    settings = rt.settings
-    datasets = Datasets(rt.db, rt.outputs_dir, Characters(rt.db, rt.models.roots.models_dir))
+    settings = ctx.runtime.settings
+    datasets = ctx.datasets
     character = datasets.characters.get(req.character_id)
     added: list[dict] = []
     duplicates: list[dict] = []
@@ -630,7 +614,7 @@ def run_caption_job(req: CaptionRequest, ctx) -> dict:
             "auto-captioning needs a vision endpoint: start with --vision-url (for example "
             "http://127.0.0.1:11434/v1 for Ollama) and --vision-model"
         )
-    datasets = Datasets(rt.db, rt.outputs_dir, Characters(rt.db, rt.models.roots.models_dir))
+    datasets = ctx.datasets
     character = datasets.characters.get(req.character_id)
     with rt.db.session() as sess:
         q = select(DatasetItem).where(

@@ -14,8 +14,6 @@ import json
 from pydantic import Field, field_validator, model_validator
 
 from engine.artifacts import save_png, sha256_file
-from engine.characters.characters import Characters
-from engine.characters.datasets import Datasets
 from engine.characters.sheets import SHEET_EXPRESSIONS, SHEET_VIEWS, compose_sheet
 from engine.generation.generate import generate_images
 from engine.generation.request import GenerateRequest
@@ -98,7 +96,7 @@ def run_reference_sheet_job(req: ReferenceSheetRequest, ctx) -> dict:
         "views": [{"view": v["view"], "generation_id": v["generation_id"]} for v in views],
         "base": req.base.model_dump(mode="json"),
     }
-    path = rt.outputs_dir / utcnow().strftime("%Y-%m-%d") / f"{ctx.job_id[:12]}-sheet-{character.slug}.png"
+    path = ctx.outputs / utcnow().strftime("%Y-%m-%d") / f"{ctx.job_id[:12]}-sheet-{character.slug}.png"
     save_png(sheet, path, {"studionova": json.dumps(recipe, ensure_ascii=False, default=str)})
     asset = Asset(
         kind="sheet",
@@ -115,9 +113,8 @@ def run_reference_sheet_job(req: ReferenceSheetRequest, ctx) -> dict:
         s.commit()
     queued = []
     if req.add_to_dataset:
-        datasets = Datasets(rt.db, rt.outputs_dir, Characters(rt.db, rt.models.roots.models_dir))
         for v in views:
-            item = datasets.add_generated(
+            item = ctx.datasets.add_generated(
                 character.id, v["path"], v["generation_id"], f"sheet:{ctx.job_id}#{v['view']}"
             )
             if item is not None:

@@ -218,6 +218,7 @@ def run_comfy_generate(req, ctx):
                     seed + i,
                     image.convert("RGB"),
                     len(saved),
+                    (prompt, negative),
                     extra_chunks={"prompt": json.dumps(graph)},
                 )
             )

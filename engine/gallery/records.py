@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
@@ -134,9 +134,6 @@ class GalleryQuery:
         return start, end
 
 
-QUERY_FIELDS = fields(GalleryQuery)
-
-
 @dataclass(frozen=True)
 class GalleryItem:
     generation_id: str
@@ -147,7 +144,7 @@ class GalleryItem:
     negative_prompt: str
     model: str
     loras: tuple[str, ...]
-    seed: int
+    seed: int | None  # None where no sampling happened (an upscaled upload, a camera clip)
     width: int  # of the saved image
     height: int
     created_at: datetime
@@ -188,10 +185,10 @@ class GenerationDetail:
     model_hash: str
     prompt: str
     negative_prompt: str
-    seed: int
-    steps: int
-    cfg_scale: float
-    sampler: str
+    seed: int | None  # seed, steps, cfg_scale, sampler: None where no sampling happened
+    steps: int | None
+    cfg_scale: float | None
+    sampler: str | None
     denoising_strength: float | None
     clip_skip: int
     loras: list[dict]  # [{"name", "weight", "hash"}]

@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.artifacts import save_png, sha256_file
-from engine.characters.characters import Characters, compose_negative, compose_prompt
-from engine.characters.datasets import Datasets
+from engine.characters.characters import compose_negative, compose_prompt
 from engine.errors import InputError
 from engine.gallery.infotext import build_infotext
 from engine.gallery.pnginfo import RECIPE_CHUNK
@@ -24,7 +23,7 @@ from engine.generation import modes
 from engine.generation.ip_adapter import attach_ip_adapter, detach_ip_adapter, find_ip_adapter
 from engine.generation.prompts import encode_prompts, extract_lora_tags, is_sdxl
 from engine.generation.request import GeneratedImage, GenerateRequest, GenerateResult
-from engine.generation.styles import StyleBook
+from engine.generation.styles import StyleBook, apply_snapshots
 from engine.jobs.kinds import RunContext
 from engine.paths import MODEL_FOLDERS
 from engine.samplers import SAMPLERS, make_scheduler
@@ -151,6 +150,7 @@ def generate_images(req: GenerateRequest, ctx: RunContext, previews: bool = True
     rt = ctx.runtime
     timings: dict[str, float] = {}
     t0 = time.monotonic()
+    rt.make_room("image")
     model = rt.models.get(req.model)
     prompt, negative = apply_styles(req, rt)
     extras: dict[str, Any] = {"lora_hashes": rt.models.apply_loras(model, req.loras), "subseed": req.subseed}
@@ -201,12 +201,17 @@ def _generate(req, ctx, model, pipe, prep, prompt, negative, extras, timings, pr
             pipe, extract_lora_tags(prompt)[0], extract_lora_tags(negative)[0], req.clip_skip
         )
     images = []
+    w, h = req.output_size
+    advice = (
+        f"{req.batch_size} image(s) at {w}x{h} did not fit; lower batch_size "
+        f"(now {req.batch_size}) or width/height, or restart with --cpu-offload"
+    )
     for batch in range(req.batch_count):
         seeds = [req.seed + batch * req.batch_size + i for i in range(req.batch_size)]
         ctx.check_cancelled()
         offset = batch * per_batch
         callback = rt.step_callback(ctx.emit, ctx.is_cancelled, offset, total, started, previews)
-        try:
+        with rt.oom_guard(advice):
             out = _sample(req, rt, model, pipe, prep, embeds, seeds, callback)
             if refiner is not None:
                 callback = rt.step_callback(
@@ -218,22 +223,16 @@ def _generate(req, ctx, model, pipe, prep, prompt, negative, extras, timings, pr
                     ctx.emit, ctx.is_cancelled, offset + first + refine, total, started, previews
                 )
                 out = _hires_pass(req, rt, model, out, embeds, seeds, callback)
-        except Exception as e:
-            if rt.is_out_of_memory(e):
-                w, h = req.output_size
-                raise rt.out_of_memory(
-                    e,
-                    f"{req.batch_size} image(s) at {w}x{h} did not fit; lower batch_size "
-                    f"(now {req.batch_size}) or width/height, or restart with --cpu-offload",
-                ) from None
-            raise
         if prep.task == "inpaint":
             out = [modes.paste_back(prep.init, img, prep.blurred_mask) for img in out]
         images.extend(zip(seeds, out, strict=True))
     timings["sampling"] = time.monotonic() - started
 
     t1 = time.monotonic()
-    saved = [save_generated(req, ctx, model, extras, seed, img, k) for k, (seed, img) in enumerate(images)]
+    saved = [
+        save_generated(req, ctx, model, extras, seed, img, k, (prompt, negative))
+        for k, (seed, img) in enumerate(images)
+    ]
     timings["save"] = time.monotonic() - t1
     return GenerateResult(
         images=saved,
@@ -248,14 +247,16 @@ def _generate(req, ctx, model, pipe, prep, prompt, negative, extras, timings, pr
 
 def apply_styles(req: GenerateRequest, rt) -> tuple[str, str]:
     """The prompts the sampler sees: the character composed in (trigger word + design prompt + prompt,
-    negatives merged), then the saved styles applied."""
+    negatives merged), then the saved styles applied as the request's snapshot holds them (a job submitted
+    before styles were snapshotted reads styles.csv)."""
     prompt, negative = (
         compose_prompt(req.character, req.prompt),
         compose_negative(req.character, req.negative_prompt),
     )
+    if req.style_snapshot is not None:
+        return apply_snapshots(req.style_snapshot, prompt, negative)
     if not req.styles:
         return prompt, negative
-
     return StyleBook(rt.styles_path).apply(req.styles, prompt, negative)
 
 
@@ -383,11 +384,14 @@ def save_generated(
     seed: int,
     image,
     index: int,
+    prompts: tuple[str, str],
     extra_chunks: dict[str, str] | None = None,
 ) -> GeneratedImage:
+    """One image with its records; `prompts` are the (prompt, negative) the image was rendered from (styles
+    and character composed in), so the infotext, recipe and Generation row say what made the pixels."""
     rt = ctx.runtime
     lora_hashes = extras["lora_hashes"]
-    prompt, negative = apply_styles(req, rt)
+    prompt, negative = prompts
     infotext = build_infotext(
         prompt,
         negative,
@@ -429,7 +433,7 @@ def save_generated(
     # A job may save through several generate calls (X/Y/Z plot): number files per job, not per call.
     n = ctx.extra.get("images_saved", 0)
     ctx.extra["images_saved"] = n + 1
-    path = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-{seed}.png"
+    path = ctx.outputs / day / f"{ctx.job_id[:12]}-{n:03d}-{seed}.png"
     save_png(
         image,
         path,
@@ -472,9 +476,7 @@ def save_generated(
     ensure_thumbnail(path)  # the gallery never opens full images
     add_generation(rt.db, asset, gen)
     if req.dataset_review and req.character is not None:
-        Datasets(rt.db, rt.outputs_dir, Characters(rt.db, rt.models.roots.models_dir)).add_generated(
-            req.character.id, path, gen.id, f"generation:{ctx.job_id}#{index}"
-        )
+        ctx.datasets.add_generated(req.character.id, path, gen.id, f"generation:{ctx.job_id}#{index}")
     return GeneratedImage(
         path=str(path), seed=seed, infotext=infotext, asset_id=asset.id, generation_id=gen.id
     )

@@ -273,8 +273,3 @@ def encode_prompts(pipe, prompt: str, negative_prompt: str, clip_skip: int) -> d
 def plain_text(prompt: str) -> str:
     """The prompt's words without weights, BREAKs or LoRA tags (SDXL's pooled embedding, token counts)."""
     return " ".join(f.text.strip() for seg in parse_prompt(extract_lora_tags(prompt)[0]) for f in seg)
-
-
-def token_count(pipe, prompt: str) -> int:
-    """Tokens in the prompt (without start/end markers), as the A1111 counter shows."""
-    return len(pipe.tokenizer(plain_text(prompt), add_special_tokens=False).input_ids)

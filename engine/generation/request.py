@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from engine.generation.styles import StyleSnapshot
 from engine.requests import MAX_SEED, CharacterSnapshot, LoraSpec, RequestBase, parse_loras
 from engine.samplers import SAMPLER_NAMES
 
@@ -110,6 +111,12 @@ class GenerateRequest(RequestBase):
     )
     controlnet_scale: float = Field(default=1.0, ge=0.0, le=2.0, description="ControlNet weight")
     styles: list[str] = Field(default_factory=list, max_length=16, description="Saved styles to apply")
+    # filled in by the studio from styles.csv at submission; None only in jobs submitted before it existed
+    style_snapshot: list[StyleSnapshot] | None = Field(
+        default=None,
+        max_length=16,
+        description="The styles as they were at submission: the job's prompt is composed from these",
+    )
     # --- IP-Adapter (an image prompt; weights in models/ipadapter + models/clip_vision) ---
     ip_adapter_image: str | None = Field(
         default=None, description="Reference image for IP-Adapter (empty = off)"
@@ -175,6 +182,8 @@ class GenerateRequest(RequestBase):
             raise ValueError("IP-Adapter cannot be combined with hires fix or the SDXL refiner yet")
         if self.dataset_review and self.character is None:
             raise ValueError("dataset_review needs a character whose dataset the images join")
+        if self.style_snapshot is not None and [s.name for s in self.style_snapshot] != self.styles:
+            raise ValueError("style_snapshot must hold the styles named in styles, in the same order")
         return self
 
     @property
@@ -202,10 +211,6 @@ class GenerateRequest(RequestBase):
     def job_kind(self) -> str:
         """The job kind that renders this request: a ComfyUI server's queue or the local device's."""
         return "comfy_generate" if self.engine == "comfyui" else "generate"
-
-    @property
-    def total_images(self) -> int:
-        return self.batch_size * self.batch_count
 
 
 def hr_size(side: int, scale: float) -> int:

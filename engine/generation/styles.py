@@ -3,6 +3,10 @@ so a user can copy their A1111 styles.csv into the data folder and keep using it
 
 Applying follows A1111: a style prompt containing `{prompt}` has the user's prompt put there,
 otherwise the style text is appended after ", ".
+
+A job never reads styles.csv: at submission `resolve_styles` copies the named styles into the request
+(`GenerateRequest.style_snapshot`, as a character becomes a CharacterSnapshot), and the runner composes the
+prompt from that copy, so editing a style later changes neither a retried job nor its records.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from engine.artifacts import atomic_write
 from engine.errors import InputError, NotFoundError
@@ -25,6 +31,16 @@ class Style:
     name: str
     prompt: str = ""
     negative_prompt: str = ""
+
+
+class StyleSnapshot(BaseModel):
+    """A saved style as styles.csv held it when the job was submitted."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(max_length=100)
+    prompt: str = Field(default="", max_length=20000)
+    negative_prompt: str = Field(default="", max_length=20000)
 
 
 def merge(style_text: str, text: str) -> str:
@@ -62,10 +78,7 @@ class StyleBook:
         return styles[name]
 
     def apply(self, names: list[str], prompt: str, negative: str) -> tuple[str, str]:
-        for name in names:
-            style = self.get(name)
-            prompt, negative = merge(style.prompt, prompt), merge(style.negative_prompt, negative)
-        return prompt, negative
+        return apply_snapshots(resolve_styles(names, self), prompt, negative)
 
     def save(self, name: str, prompt: str, negative_prompt: str) -> Style:
         name = (name or "").strip()
@@ -95,3 +108,21 @@ class StyleBook:
             writer.writerow({"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt})
         with atomic_write(self.path, "wb") as f:
             f.write(buf.getvalue().encode("utf-8"))
+
+
+def resolve_styles(names: list[str], book: StyleBook) -> list[StyleSnapshot]:
+    """The named styles as the book holds them now, frozen, in order; an unknown name -> NotFoundError."""
+    styles = book.load()
+    missing = [n for n in names if n not in styles]
+    if missing:
+        raise NotFoundError(
+            f"style {missing[0]!r} not found; saved styles: {', '.join(styles) or 'none yet'}"
+        )
+    return [StyleSnapshot(**vars(styles[n])) for n in names]
+
+
+def apply_snapshots(styles: list[StyleSnapshot], prompt: str, negative: str) -> tuple[str, str]:
+    """The styles applied one after another, as A1111 does."""
+    for style in styles:
+        prompt, negative = merge(style.prompt, prompt), merge(style.negative_prompt, negative)
+    return prompt, negative

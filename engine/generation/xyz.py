@@ -234,7 +234,7 @@ def run_xyz_job(req: XYZPlotRequest, ctx) -> dict:
             "cells": parts,
             "base": req.base.model_dump(mode="json"),
         }
-        path = rt.outputs_dir / utcnow().strftime("%Y-%m-%d") / f"{ctx.job_id[:12]}-grid-{zi:02d}.png"
+        path = ctx.outputs / utcnow().strftime("%Y-%m-%d") / f"{ctx.job_id[:12]}-grid-{zi:02d}.png"
         save_png(grid, path, {"studionova": json.dumps(recipe, ensure_ascii=False, default=str)})
         asset = Asset(
             kind="grid",

@@ -1,13 +1,20 @@
-"""Job kinds: how each kind of job runs (the registry), and the context a runner gets."""
+"""Job kinds: how one kind of job runs (JobKind; each room registers its own), and the context a runner gets."""
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import JobCancelledError
+
+if TYPE_CHECKING:  # a type only: the runtime sits above the rooms, and the rooms import this module
+    from engine.characters.characters import Characters
+    from engine.characters.datasets import Datasets
+    from engine.media.library import Library
+    from engine.runtime import WorkerRuntime
 
 
 @dataclass(frozen=True)
@@ -30,72 +37,41 @@ class JobKind:
 
 
 COMFY_QUEUE = "comfyui"
-JOB_KINDS: dict[str, JobKind] = {
-    "generate": JobKind(
-        "engine.generation.generate:run_generate_job", "engine.generation.request:GenerateRequest"
-    ),
-    "xyz_plot": JobKind("engine.generation.xyz:run_xyz_job", "engine.generation.xyz:XYZPlotRequest"),
-    "download": JobKind(
-        "engine.model_manager.downloads:run_download_job",
-        "engine.model_manager.downloads:DownloadRequest",
-        uses_gpu=False,
-        resumable=True,
-    ),
-    "variants": JobKind(
-        "engine.media.variants:run_variants_job", "engine.media.variants:VariantsRequest", uses_gpu=False
-    ),
-    "cleanup": JobKind(
-        "engine.media.variants:run_cleanup_job", "engine.media.variants:CleanupRequest", uses_gpu=False
-    ),
-    "motion_clip": JobKind(
-        "engine.media.variants:run_motion_job", "engine.media.variants:MotionClipRequest", uses_gpu=False
-    ),
-    "join_clips": JobKind(
-        "engine.media.variants:run_join_job", "engine.media.variants:JoinClipsRequest", uses_gpu=False
-    ),
-    "ingest": JobKind(
-        "engine.characters.datasets:run_ingest_job",
-        "engine.characters.datasets:IngestRequest",
-        uses_gpu=False,
-    ),
-    "caption": JobKind(
-        "engine.characters.datasets:run_caption_job",
-        "engine.characters.datasets:CaptionRequest",
-        uses_gpu=False,
-    ),
-    # rendered by ComfyUI servers: its own workers (as many as the pool takes at once), never a local GPU slot
-    "comfy_generate": JobKind(
-        "engine.comfyui.generate:run_comfy_generate_job",
-        "engine.generation.request:GenerateRequest",
-        uses_gpu=False,
-        queue=COMFY_QUEUE,
-    ),
-    "train_lora": JobKind(
-        "engine.training.job:run_train_job", "engine.training.job:TrainJobRequest", resumable=True
-    ),
-    "train_lora_kohya": JobKind(
-        "engine.training.kohya:run_kohya_job", "engine.training.job:TrainJobRequest", resumable=True
-    ),
-    "upscale": JobKind("engine.upscale.job:run_upscale_job", "engine.upscale.job:UpscaleRequest"),
-    "generate_video": JobKind("engine.video.job:run_video_job", "engine.video.job:VideoRequest"),
-    "reference_sheet": JobKind(
-        "engine.characters.reference_sheet:run_reference_sheet_job",
-        "engine.characters.reference_sheet:ReferenceSheetRequest",
-    ),
-}
+JobKinds = Mapping[str, JobKind]
+"""A job kind registry: name -> JobKind. Each room declares its own (`engine.<room>.JOB_KINDS`); the facade
+merges them (engine.registry) and hands the result to the job service and the executor."""
 
 
 @dataclass
 class RunContext:
-    """What a runner gets: its job, a way to report progress, and a way to learn of cancel."""
+    """What a runner gets: its job, a way to report progress, a way to learn of cancel, and the worker's
+    runtime (warm-model caches, make_room, oom_guard) with the services it shares (`characters`,
+    `datasets`, `library`, `outputs`), built once per runtime."""
 
     job_id: str
     device: str
     emit: Callable[[dict], None]
     is_cancelled: Callable[[], bool]
-    runtime: Any  # engine.runtime.WorkerRuntime
+    runtime: WorkerRuntime
     attempt: int = 1
     extra: dict = field(default_factory=dict)
+
+    @property
+    def outputs(self) -> Path:
+        """The outputs folder: every file a job writes for the user goes under it."""
+        return self.runtime.outputs_dir
+
+    @property
+    def characters(self) -> Characters:
+        return self.runtime.characters
+
+    @property
+    def datasets(self) -> Datasets:
+        return self.runtime.datasets
+
+    @property
+    def library(self) -> Library:
+        return self.runtime.library
 
     def check_cancelled(self) -> None:
         if self.is_cancelled():

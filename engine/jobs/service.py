@@ -1,10 +1,13 @@
 """Durable jobs: the row is the truth, the in-process executor is a cache of it.
 
 submit() writes a `Job` row (status queued) before any waiting and returns the job id and a
-cancel token. One worker per device claims rows atomically (queued -> running), so a job never
-runs twice; progress and results are pushed to subscribers through an in-memory event bus
-(not polled from the database). At start-up `recover()` turns `running` rows into `interrupted`
-and hands `queued` rows to the executor again.
+cancel token. The service depends only on the `Executor` protocol: it hands the executor each job id,
+and the executor's workers report back through the `JobHost` methods below (pending, claim, progress,
+cancel_requested, retry_later, finish). Claims are compare-and-set on the row (queued -> running), so a job
+never runs twice; cancel is carried by the row (`cancel_requested`), so any process can honour it;
+progress and results are pushed to subscribers through an in-memory event bus (not polled from the
+database). At start-up `recover()` turns `running` rows into `interrupted` and hands `queued` rows to the
+executor again.
 """
 
 from __future__ import annotations
@@ -15,25 +18,21 @@ import queue
 import secrets
 import threading
 import time
-import traceback
 from collections.abc import Iterator
 from datetime import timedelta
 
-from sqlalchemy import update
+from sqlalchemy import func, update
 from sqlmodel import select
 
 from engine.errors import (
     BudgetExceededError,
     InputError,
-    JobCancelledError,
     NotFoundError,
-    OutOfMemoryError,
     PermissionDeniedError,
-    TransientError,
 )
 from engine.jobs.events import TERMINAL_EVENTS, EventBus
-from engine.jobs.executor import InProcessExecutor
-from engine.jobs.kinds import JOB_KINDS, JobKind, RunContext
+from engine.jobs.executor import Executor
+from engine.jobs.kinds import JobKinds
 from engine.store.database import TERMINAL_STATUSES, Database, Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -48,17 +47,18 @@ def hash_token(token: str) -> str:
 
 
 class JobService:
-    """submit / cancel / retry / resume / watch / status: the engine's job facade."""
+    """submit / cancel / retry / resume / watch / status: the engine's job facade, and the `JobHost`
+    its executor reports to. `kinds` is the job kind registry (engine.registry.job_kinds())."""
 
-    def __init__(self, db: Database, daily_gpu_minutes: float = 0.0) -> None:
+    def __init__(self, db: Database, kinds: JobKinds, daily_gpu_minutes: float = 0.0) -> None:
         self.db = db
+        self.kinds = kinds
         self.daily_gpu_minutes = daily_gpu_minutes  # 0 = no budget
         self.bus = EventBus()
-        self.executor: InProcessExecutor | None = None
-        self._cancelled: set[str] = set()
-        self._lock = threading.Lock()
+        self.executor: Executor | None = None
+        self._progress: dict[str, tuple[float, dict]] = {}  # job id -> (last database write, last progress)
 
-    def attach(self, executor: InProcessExecutor) -> None:
+    def attach(self, executor: Executor) -> None:
         self.executor = executor
 
     # --- writing rows ---------------------------------------------------------------------
@@ -66,9 +66,9 @@ class JobService:
         self, kind: str, request, owner: str = "anonymous", retry_of: str | None = None
     ) -> tuple[str, str]:
         """Write the job row now (status queued); returns (job_id, cancel_token)."""
-        if kind not in JOB_KINDS:
-            raise InputError(f"job kind {kind!r} is unknown; allowed: {', '.join(JOB_KINDS)}")
-        if JOB_KINDS[kind].uses_gpu:
+        if kind not in self.kinds:
+            raise InputError(f"job kind {kind!r} is unknown; allowed: {', '.join(self.kinds)}")
+        if self.kinds[kind].uses_gpu:
             self.check_budget()
         token = secrets.token_urlsafe(18)
         data = request.model_dump(mode="json") if hasattr(request, "model_dump") else dict(request)
@@ -99,104 +99,60 @@ class JobService:
             s.commit()
             return res.rowcount == 1
 
-    # --- running (called by executors) ----------------------------------------------------
-    def run_job(self, job_id: str, device: str, executor: InProcessExecutor) -> None:
+    # --- the JobHost side: called by the executor's workers ---------------------------------
+    def pending(self, job_id: str) -> Job | None:
         job = self.db.get_job(job_id)
-        if job is None or job.status != "queued":
-            return
-        kind = JOB_KINDS.get(job.kind)
-        if kind is None:
-            self._finish(job_id, "failed", error=f"job kind {job.kind!r} is not known to this version")
-            return
-        lock = executor.gpu_lock(device) if kind.uses_gpu else None
-        if lock:
-            lock.acquire()
-        try:
-            if not self._transition(
-                job_id, ("queued",), status="running", started_at=utcnow(), device=device
-            ):
-                return  # cancelled while waiting, or claimed elsewhere
-            self.bus.publish(job_id, {"type": "started", "job_id": job_id, "device": device})
-            self._execute(job, kind, device, executor)
-        finally:
-            if lock:
-                lock.release()
+        return job if job is not None and job.status == "queued" else None
 
-    def _execute(self, job: Job, kind: JobKind, device: str, executor: InProcessExecutor) -> None:
-        started = time.monotonic()
-        last_db = [0.0]
-        last_progress: dict = {}
+    def claim(self, job_id: str, device: str) -> bool:
+        if not self._transition(job_id, ("queued",), status="running", started_at=utcnow(), device=device):
+            return False
+        self.bus.publish(job_id, {"type": "started", "job_id": job_id, "device": device})
+        return True
 
-        def emit(event: dict) -> None:
-            event = {"type": "progress", "job_id": job.id, **event}
-            self.bus.publish(job.id, event)
-            stored = {k: v for k, v in event.items() if k in ("step", "total", "eta", "desc")}
-            last_progress.clear()
-            last_progress.update(stored)
-            now = time.monotonic()
-            if now - last_db[0] >= PROGRESS_DB_INTERVAL_S:
-                last_db[0] = now
-                with self.db.session() as s:
-                    s.execute(update(Job).where(Job.id == job.id).values(progress=stored))
-                    s.commit()
+    def progress(self, job_id: str, event: dict) -> None:
+        """Pushed to watchers at once; written to the row at most every PROGRESS_DB_INTERVAL_S."""
+        event = {"type": "progress", "job_id": job_id, **event}
+        self.bus.publish(job_id, event)
+        stored = {k: v for k, v in event.items() if k in ("step", "total", "eta", "desc")}
+        last_db, _ = self._progress.get(job_id, (0.0, {}))
+        now = time.monotonic()
+        if now - last_db >= PROGRESS_DB_INTERVAL_S:
+            last_db = now
+            with self.db.session() as s:
+                s.execute(update(Job).where(Job.id == job_id).values(progress=stored))
+                s.commit()
+        self._progress[job_id] = (last_db, stored)
 
-        def is_cancelled() -> bool:
-            return job.id in self._cancelled
+    def cancel_requested(self, job_id: str) -> bool:
+        with self.db.session() as s:
+            return bool(s.exec(select(Job.cancel_requested).where(Job.id == job_id)).first())
 
-        status, error, error_type, result = "succeeded", "", "", {}
-        try:
-            request = kind.parse_request(job.request)
-            runtime = executor.runtime(device)
-            ctx = RunContext(job.id, device, emit, is_cancelled, runtime, attempt=job.attempt)
-            if kind.queue:  # a remote-render job that may fall back to the local GPU takes its lock then
-                ctx.extra["gpu_lock"] = executor.gpu_lock(executor.devices[0])
-            result = kind.load_runner()(request, ctx) or {}
-        except JobCancelledError:
-            status = "cancelled"
-        except InputError as e:
-            status, error, error_type = "failed", str(e), "bad_input"
-        except OutOfMemoryError as e:
-            status, error, error_type = "failed", str(e), "out_of_memory"
-        except (TransientError, ConnectionError, TimeoutError) as e:
-            if job.attempt < job.max_attempts:
-                self._schedule_retry(job, e, executor)
-                return
-            status, error, error_type = "failed", f"{e} (gave up after {job.attempt} attempts)", "transient"
-        except Exception as e:  # record the failure on the job; the worker stays alive
-            log.error("job %s failed:\n%s", job.id, traceback.format_exc())
-            status, error, error_type = "failed", f"{type(e).__name__}: {e}", "error"
-        finally:
-            self._cancelled.discard(job.id)
-        elapsed = time.monotonic() - started
-        gpu = elapsed if device.startswith(("cuda", "mps")) and kind.uses_gpu else 0.0
-        self._finish(
-            job.id,
-            status,
-            result=result,
-            error=error,
-            error_type=error_type,
-            run_seconds=elapsed,
-            gpu_seconds=gpu,
-            progress=last_progress,
-        )
-
-    def _schedule_retry(self, job: Job, exc: Exception, executor: InProcessExecutor) -> None:
+    def retry_later(self, job_id: str, reason: str) -> None:
+        """Another attempt after RETRY_BASE_DELAY_S * 2**(attempt-1): running -> queued, then resubmitted."""
+        self._progress.pop(job_id, None)
+        job = self.require(job_id)
         delay = RETRY_BASE_DELAY_S * 2 ** (job.attempt - 1)
-        self._transition(
-            job.id,
+        if not self._transition(
+            job_id,
             ("running",),
             status="queued",
             attempt=job.attempt + 1,
-            error=f"attempt {job.attempt} failed: {exc}; retrying in {delay:.0f}s",
-        )
+            error=f"{reason}; retrying in {delay:.0f}s",
+        ):
+            return
         self.bus.publish(
-            job.id, {"type": "retrying", "job_id": job.id, "attempt": job.attempt + 1, "delay": delay}
+            job_id, {"type": "retrying", "job_id": job_id, "attempt": job.attempt + 1, "delay": delay}
         )
-        timer = threading.Timer(delay, executor.submit, args=(job.id,))
+        timer = threading.Timer(delay, self._resubmit, args=(job_id,))
         timer.daemon = True
         timer.start()
 
-    def _finish(
+    def _resubmit(self, job_id: str) -> None:
+        if self.executor:
+            self.executor.submit(job_id)
+
+    def finish(
         self,
         job_id: str,
         status: str,
@@ -205,8 +161,8 @@ class JobService:
         error_type: str = "",
         run_seconds: float = 0.0,
         gpu_seconds: float = 0.0,
-        progress: dict | None = None,
     ) -> None:
+        _, progress = self._progress.pop(job_id, (0.0, {}))
         values = {"progress": dict(progress)} if progress else {}
         self._transition(
             job_id,
@@ -260,7 +216,8 @@ class JobService:
         if self._transition(job_id, ("queued",), status="cancelled", finished_at=utcnow()):
             self.bus.publish(job_id, {"type": "cancelled", "job_id": job_id, "status": "cancelled"})
             return "cancelled"
-        self._cancelled.add(job_id)  # a running job: the sampler stops at its next step
+        if self.executor:  # a running job: the row already says so; this tells its worker at once
+            self.executor.cancel(job_id)
         return "cancelling"
 
     def retry(self, job_id: str, user: str | None = None, token: str | None = None) -> tuple[str, str]:
@@ -269,19 +226,26 @@ class JobService:
         self._authorise(job, user, token)
         if job.status not in ("failed", "cancelled", "interrupted", "succeeded"):
             raise InputError(f"job {job_id} is {job.status}; only finished jobs can be retried")
-        kind = JOB_KINDS[job.kind]
+        kind = self.kinds[job.kind]
         return self.submit(job.kind, kind.parse_request(job.request), owner=job.owner, retry_of=job.id)
 
     def resume(self, job_id: str, user: str | None = None, token: str | None = None) -> str:
         """Run an interrupted job again from its own row, where its kind can pick up from a checkpoint."""
         job = self.require(job_id)
         self._authorise(job, user, token)
-        kind = JOB_KINDS.get(job.kind)
+        kind = self.kinds.get(job.kind)
         if kind is None or not kind.resumable:
             raise InputError(
                 f"job kind {job.kind!r} cannot resume; use retry (it makes the same images again)"
             )
-        if not self._transition(job_id, ("interrupted",), status="queued", attempt=job.attempt + 1, error=""):
+        if not self._transition(
+            job_id,
+            ("interrupted",),
+            status="queued",
+            attempt=job.attempt + 1,
+            error="",
+            cancel_requested=False,
+        ):
             raise InputError(f"job {job_id} is {job.status}; only interrupted jobs can resume")
         if self.executor:
             self.executor.submit(job_id)
@@ -289,7 +253,7 @@ class JobService:
 
     def resume_interrupted(self) -> list[str]:
         """Queue again every interrupted job whose kind resumes from a checkpoint (training, downloads)."""
-        kinds = [k for k, v in JOB_KINDS.items() if v.resumable]
+        kinds = [k for k, v in self.kinds.items() if v.resumable]
         with self.db.session() as s:
             ids = list(
                 s.exec(
@@ -300,7 +264,7 @@ class JobService:
             )
         resumed = []
         for job_id in ids:
-            if self._transition(job_id, ("interrupted",), status="queued", error=""):
+            if self._transition(job_id, ("interrupted",), status="queued", error="", cancel_requested=False):
                 resumed.append(job_id)
                 if self.executor:
                     self.executor.submit(job_id)
@@ -331,7 +295,7 @@ class JobService:
         live = self.bus.latest(job_id)
         if live and job.status == "running":
             progress = {k: live[k] for k in ("step", "total", "eta", "desc") if k in live}
-        kind = JOB_KINDS.get(job.kind)
+        kind = self.kinds.get(job.kind)
         return {
             "job_id": job.id,
             "kind": job.kind,
@@ -389,8 +353,6 @@ class JobService:
 
     def gpu_seconds_today(self) -> float:
         """Device-seconds of GPU job kinds finished since 00:00 UTC today."""
-        from sqlalchemy import func
-
         start = utcnow().replace(hour=0, minute=0, second=0, microsecond=0)
         with self.db.session() as s:
             used = s.exec(

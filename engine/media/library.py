@@ -248,18 +248,6 @@ class Library:
         with self.db.session() as s:
             return list(s.exec(stmt.order_by(MediaCollection.name)))
 
-    def delete_collection(self, collection_id: str) -> None:
-        """The collection goes; its items stay in the library, outside any collection."""
-        with self.db.session() as s:
-            c = s.get(MediaCollection, collection_id)
-            if c is None:
-                raise NotFoundError(f"collection {collection_id!r} not found")
-            for item in s.exec(select(MediaItem).where(MediaItem.collection_id == collection_id)):
-                item.collection_id = None
-                s.add(item)
-            s.delete(c)
-            s.commit()
-
     # --- hooks --------------------------------------------------------------------------------
     def add_hooks(self, text: str, category: str = "general") -> list[Hook]:
         """One hook per non-empty line, or a CSV with `text` (and optional `category`) columns."""

@@ -263,10 +263,3 @@ def _paste_bitmap_run(layer, run: str, face: _Face, x: float, baseline: float, a
     small = tile.resize((max(1, round(width * face.scale)), max(1, round(tile.height * face.scale))))
     top = int(baseline - big_ascent * face.scale)
     layer.alpha_composite(small, (max(0, int(x)), max(0, top)))
-
-
-def clear_font_cache() -> None:
-    """Forget found fonts (tests, or after installing fonts)."""
-    installed_fonts.cache_clear()
-    _load.cache_clear()
-    _has_glyph.cache_clear()

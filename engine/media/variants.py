@@ -268,9 +268,7 @@ def _render_row(a: Assignment, req: VariantsRequest, folder: Path, ctx: RunConte
     try:
         out = _render_one(a, req, folder, ctx)
         # "file" (relative to outputs/), never "path": API clients read a dict with a path as a file to fetch
-        row.update(
-            ok=True, file=out.relative_to(rt.outputs_dir).as_posix(), size=out.stat().st_size, error=""
-        )
+        row.update(ok=True, file=out.relative_to(ctx.outputs).as_posix(), size=out.stat().st_size, error="")
         with rt.db.session() as s:
             s.add(Asset(kind="video", path=str(out), sha256="", size=out.stat().st_size, job_id=ctx.job_id))
             s.commit()
@@ -286,9 +284,9 @@ def run_variants_job(req: VariantsRequest, ctx: RunContext) -> dict:
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     rt = ctx.runtime
-    lib = Library(rt.db, library_root(rt.outputs_dir))
+    lib = ctx.library
     assignments = plan(req, lib)
-    folder = batch_dir(rt.outputs_dir, ctx.job_id)
+    folder = batch_dir(ctx.outputs, ctx.job_id)
     folder.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     total = len(assignments)
@@ -327,14 +325,14 @@ def run_variants_job(req: VariantsRequest, ctx: RunContext) -> dict:
     archive = folder / f"batch-{ctx.job_id[:8]}.zip"
     with atomic_write(archive) as f, zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as z:
         for r in done:  # mp4 is already compressed: stored, so zipping is a copy
-            z.write(rt.outputs_dir / r["file"], arcname=Path(r["file"]).name)
+            z.write(ctx.outputs / r["file"], arcname=Path(r["file"]).name)
     expires = utcnow() + timedelta(hours=req.expire_hours)
     return {
         "batch_id": ctx.job_id,
         "variants": results,
         "ok": len(done),
         "failed": total - len(done),
-        "zip": archive.relative_to(rt.outputs_dir).as_posix(),
+        "zip": archive.relative_to(ctx.outputs).as_posix(),
         "expires_at": expires.isoformat(),
     }
 
@@ -392,7 +390,7 @@ def cleanup_expired(db: Database, outputs_dir: Path, now=None) -> int:
 
 
 def run_cleanup_job(req: CleanupRequest, ctx: RunContext) -> dict:
-    return {"removed": cleanup_expired(ctx.runtime.db, ctx.runtime.outputs_dir)}
+    return {"removed": cleanup_expired(ctx.runtime.db, ctx.outputs)}
 
 
 # --- camera motion clips (image -> video) ----------------------------------------------------------
@@ -436,7 +434,7 @@ def _size_tuple(output_size: str) -> tuple[int, int] | None:
 
 
 def run_motion_job(req: MotionClipRequest, ctx: RunContext) -> dict:
-    lib = Library(ctx.runtime.db, library_root(ctx.runtime.outputs_dir))
+    lib = ctx.library
     image = lib.item(req.image_id)
     if image.kind != "image":
         raise InputError(f"{image.name!r} is a {image.kind}; camera motion starts from an image")
@@ -482,7 +480,7 @@ class JoinClipsRequest(RequestBase):
 
 
 def run_join_job(req: JoinClipsRequest, ctx: RunContext) -> dict:
-    lib = Library(ctx.runtime.db, library_root(ctx.runtime.outputs_dir))
+    lib = ctx.library
     clips = [lib.item(i) for i in req.clips]
     for c in clips:
         if c.kind != "video":

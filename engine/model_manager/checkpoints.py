@@ -17,17 +17,16 @@ import gzip
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from engine.artifacts import TMP_PREFIX, atomic_dir, safetensors_header
+from engine.artifacts import atomic_dir, safetensors_header
 from engine.errors import InputError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
-SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
 UNET_PREFIX = "model.diffusion_model."
 
 # diffusers model type -> (family label, shipped config folder or "" when StudioNOVA cannot load it)
@@ -57,16 +56,6 @@ class CheckpointInfo:
     config: str  # shipped config folder ("" = not loadable here)
     prediction_source: str  # why that prediction type: key, metadata, yaml, file name, default
 
-    @property
-    def pipeline_kind(self) -> str:
-        return (
-            "inpaint"
-            if "inpaint" in self.model_type
-            else "refiner"
-            if self.model_type == "xl_refiner"
-            else "base"
-        )
-
     def encode(self) -> str:  # fits FileHash.sha256 (64 chars) so detection is cached like a hash
         return "|".join(
             [self.model_type, self.prediction_type, "turbo" if self.turbo else "", self.prediction_source]
@@ -88,11 +77,6 @@ class CheckpointEntry:
     sha256: str
     short_hash: str  # A1111's model hash: first 10 hex of the SHA-256
     error: str = ""
-
-    def as_row(self) -> dict[str, Any]:
-        row = asdict(self)
-        row["path"] = str(self.path)
-        return row
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -353,7 +337,3 @@ def _patch_variant(folder: Path, info: CheckpointInfo, config_root: Path) -> Non
 
 def pipeline_class_name(folder: Path) -> str:
     return json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))["_class_name"]
-
-
-def is_temp(path: Path) -> bool:
-    return path.name.startswith(TMP_PREFIX)

@@ -19,7 +19,6 @@ from engine.device import DevicePlan, free_memory
 from engine.errors import InputError
 from engine.model_manager.checkpoints import (
     PICKLE_SUFFIXES,
-    SHIPPED_CONFIGS,
     CheckpointInfo,
     config_folder,
     inspect_checkpoint,
@@ -27,7 +26,7 @@ from engine.model_manager.checkpoints import (
     read_state_dict,
 )
 from engine.model_manager.demo_model import DEMO_LABEL, DEMO_MODEL_NAME, is_demo_folder
-from engine.paths import ModelRoots
+from engine.paths import SHIPPED_CONFIGS, ModelRoots
 from engine.requests import LoraSpec
 from engine.store.hashing import HashCache
 
@@ -278,9 +277,6 @@ class ModelManager:
             self.loaded = None
             self._controlnets = {}
             free_memory(self.plan.device)
-
-    def img2img(self, model: LoadedModel):
-        return self.variant(model, "img2img")
 
     def variant(self, model: LoadedModel, task: str, controlnet: str = ""):
         """The pipeline for `task` (txt2img, img2img, inpaint), optionally with a ControlNet, sharing

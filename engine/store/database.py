@@ -14,12 +14,11 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Index, event, inspect
+from sqlalchemy import Index, MetaData, case, event, inspect, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.schema import CreateColumn
+from sqlalchemy.schema import CreateColumn, CreateTable
 from sqlmodel import JSON, Column, Field, Session, SQLModel, create_engine, select
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 
 
@@ -34,6 +33,7 @@ def new_id() -> str:
 class Job(SQLModel, table=True):
     id: str = Field(default_factory=new_id, primary_key=True, max_length=32)
     kind: str = Field(index=True, max_length=40)
+    # queued | running | succeeded | failed | cancelled | interrupted
     status: str = Field(default="queued", index=True, max_length=16)
     owner: str = Field(default="anonymous", index=True, max_length=120)
     cancel_token_hash: str = Field(default="", max_length=64)
@@ -79,10 +79,11 @@ class Generation(SQLModel, table=True):
     model_hash: str = Field(index=True, max_length=10)
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = Field(index=True)
-    steps: int
-    cfg_scale: float
-    sampler: str = Field(max_length=40)
+    # None where they do not apply: an upscale by a model, a camera clip, a video's missing sampler
+    seed: int | None = Field(default=None, index=True)
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = Field(default=None, max_length=40)
     width: int
     height: int
     denoising_strength: float | None = None
@@ -215,9 +216,6 @@ class LoraFile(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
-DATASET_STATUSES = ("pending", "approved", "rejected")
-
-
 class DatasetItem(SQLModel, table=True):
     """One image of a character's training set, with where it came from and its review state."""
 
@@ -229,7 +227,7 @@ class DatasetItem(SQLModel, table=True):
     width: int = 0
     height: int = 0
     source: str = Field(default="", max_length=1000)
-    status: str = Field(default="pending", index=True, max_length=10)
+    status: str = Field(default="pending", index=True, max_length=10)  # pending | approved | rejected
     reasons: list = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     reason_text: str = Field(default="", max_length=1000)
     caption: str = Field(default="", max_length=4000)
@@ -271,6 +269,26 @@ class FileHash(SQLModel, table=True):
     sha256: str = Field(max_length=64)
 
 
+SAMPLING_COLUMNS = ("seed", "steps", "cfg_scale", "sampler")
+IMAGE_MODES = ("txt2img", "img2img", "inpaint", "outpaint")  # GenerateRequest.mode: always sampled
+
+
+def _sampling_zeros_to_null():
+    """Old upscale/video rows wrote 0 / "" for sampling they never did (steps 0: no diffusion ran); a real
+    generation always has steps >= 1, so only those placeholders change."""
+    g = Generation.__table__.c
+    return (
+        update(Generation.__table__)
+        .where(g.mode.not_in(IMAGE_MODES), g.steps == 0)
+        .values(
+            seed=None,
+            steps=None,
+            cfg_scale=None,
+            sampler=case((g.sampler == "", None), else_=g.sampler),
+        )
+    )
+
+
 def _sqlite_pragmas_and_immediate(engine: Engine) -> None:
     # SQLAlchemy pysqlite recipe: let SQLAlchemy own BEGIN so writes take the lock up front.
     @event.listens_for(engine, "connect")
@@ -307,6 +325,7 @@ class Database:
     def create_all(self) -> None:
         SQLModel.metadata.create_all(self.engine)
         self._add_new_columns_and_indexes()
+        self._relax_generation_sampling_columns()
 
     def _add_new_columns_and_indexes(self) -> None:
         """create_all makes missing tables but never alters existing ones: add the columns and indexes
@@ -331,6 +350,50 @@ class Database:
                     conn.exec_driver_sql(f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {ddl}")
                 for index in table.indexes:
                     index.create(conn, checkfirst=True)
+
+    def _relax_generation_sampling_columns(self) -> None:
+        """Migration: Generation's seed/steps/cfg_scale/sampler were NOT NULL, so upscale and video rows held
+        zeros where no sampling happened. Make them nullable (SQLite cannot ALTER COLUMN: the table is
+        rebuilt, copied, dropped and renamed in one transaction) and turn those zeros into NULL. Does nothing
+        once the columns are nullable."""
+        strict = [
+            c["name"]
+            for c in inspect(self.engine).get_columns("generation")
+            if c["name"] in SAMPLING_COLUMNS and not c["nullable"]
+        ]
+        if not strict:
+            return
+        table = Generation.__table__
+        preparer = self.engine.dialect.identifier_preparer
+        name = preparer.format_table(table)
+        if not self.is_sqlite:
+            with self.engine.begin() as conn:
+                alters = ", ".join(f"ALTER COLUMN {preparer.quote(c)} DROP NOT NULL" for c in strict)
+                conn.exec_driver_sql(f"ALTER TABLE {name} {alters}")
+                conn.execute(_sampling_zeros_to_null())
+            return
+        # foreign_keys must be off while the table is swapped (or dropping it would cascade to
+        # GenerationLora), and that pragma is ignored inside a transaction: set it on the bare connection.
+        with self.engine.connect() as conn:
+            raw = conn.connection.dbapi_connection
+            raw.execute("PRAGMA foreign_keys=OFF")
+            try:
+                with conn.begin():
+                    new = table.to_metadata(MetaData(), name="generation_migrating")
+                    conn.execute(CreateTable(new))  # the table only: index names are taken until the drop
+                    cols = ", ".join(preparer.quote(c.name) for c in table.columns)
+                    conn.exec_driver_sql(
+                        f"INSERT INTO generation_migrating ({cols}) SELECT {cols} FROM {name}"
+                    )
+                    conn.exec_driver_sql(f"DROP TABLE {name}")
+                    conn.exec_driver_sql(f"ALTER TABLE generation_migrating RENAME TO {name}")
+                    for index in table.indexes:
+                        index.create(conn)
+                    conn.execute(_sampling_zeros_to_null())
+                    if conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                        raise RuntimeError("generation table migration broke a foreign key; rolled back")
+            finally:
+                raw.execute("PRAGMA foreign_keys=ON")
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -25,8 +25,11 @@ from engine.characters.datasets import normalise_caption
 from engine.characters.ingest import scan_folder
 from engine.errors import InputError
 from engine.model_manager.checkpoints import CheckpointInfo, inspect_checkpoint
+from engine.model_manager.inventory import ModelInventory
 from engine.requests import RequestBase
-from engine.store.database import DatasetItem, LoraFile, utcnow
+from engine.settings import Settings
+from engine.store.database import Character, Database, DatasetItem, LoraFile, utcnow
+from engine.store.hashing import HashCache
 from engine.training.export import kohya_metadata, peft_to_kohya, save_kohya_lora
 from engine.training.trainer import (
     PRESETS,
@@ -85,7 +88,7 @@ def run_train_job(req: TrainJobRequest, ctx) -> dict:
 
     def emit(event: dict) -> None:
         if event.get("type") == "sample":  # live samples: copied where the UI may show them, never throttled
-            out_dir = rt.outputs_dir / "training" / ctx.job_id / "live"
+            out_dir = ctx.outputs / "training" / ctx.job_id / "live"
             out_dir.mkdir(parents=True, exist_ok=True)
             paths = []
             for p in event.get("paths") or []:
@@ -101,9 +104,9 @@ def run_train_job(req: TrainJobRequest, ctx) -> dict:
             last[0] = now
             ctx.emit({k: v for k, v in event.items() if k != "type"} if "step" in event else event)
 
-    characters = Characters(rt.db, rt.models.roots.models_dir)
+    characters = ctx.characters
     character = characters.get(req.character_id)
-    rt.models.unload()  # training needs the memory the warm pipelines hold; they reload on the next generation
+    rt.make_room("train")  # training needs the memory the warm pipelines hold; they reload on the next job
     train = req.train
     if Path(train.model_path).is_file():  # a single-file checkpoint: trained from its diffusers conversion
         ctx.emit(
@@ -253,10 +256,10 @@ def register_lora_version(
     }
 
 
-def _approved_images(studio, character) -> list[dict]:
+def _approved_images(settings: Settings, db: Database, character: Character) -> list[dict]:
     from sqlmodel import col, select
 
-    with studio.db.session() as s:
+    with db.session() as s:
         items = list(
             s.exec(
                 select(DatasetItem)
@@ -264,7 +267,7 @@ def _approved_images(studio, character) -> list[dict]:
                 .order_by(col(DatasetItem.created_at), col(DatasetItem.id))
             )
         )
-    minimum = studio.settings.min_approved_images
+    minimum = settings.min_approved_images
     if not items:
         raise InputError(
             f"character {character.slug!r} has no approved images; approve some in the Review tab"
@@ -319,10 +322,10 @@ def _parse_concepts(value: Any) -> list[dict]:
     return out
 
 
-def regularization_images(studio, folder: str, caption: str) -> list[dict]:
+def regularization_images(settings: Settings, folder: str, caption: str) -> list[dict]:
     """Class images for prior preservation from a server folder inside the allowed ingest roots (a kohya
     reg folder works as it is): each image's caption is its .txt sidecar, else `caption`."""
-    paths = scan_folder(Path(folder).expanduser(), studio.settings.ingest_root_paths, set())
+    paths = scan_folder(Path(folder).expanduser(), settings.ingest_root_paths, set())
     if not paths:
         raise InputError(f"regularisation folder {folder!r} has no images (.png .jpg .jpeg .webp)")
     images = []
@@ -338,40 +341,51 @@ def regularization_images(studio, folder: str, caption: str) -> list[dict]:
     return images
 
 
-def build_train_request(studio, values: dict[str, Any], own_packages: bool = True) -> TrainJobRequest:
+def build_train_request(
+    values: dict[str, Any],
+    *,
+    settings: Settings,
+    db: Database,
+    characters: Characters,
+    models: ModelInventory,
+    device: str,
+    own_packages: bool = True,
+) -> TrainJobRequest:
     """Validate everything before a job exists: the character's approved set (plus any other concepts and
     regularisation images), the base model and its family, the preset and options, and their combination
     on this device (own_packages=False: the optimizer's package is another trainer's business)."""
     values = {k: v for k, v in dict(values).items() if v is not None}
-    character = studio.characters.get(values.pop("character", "") or "")
+    character = characters.get(values.pop("character", "") or "")
     preset = values.pop("preset", "") or ""
     if preset and preset not in PRESETS:
         raise InputError(f"preset={preset!r}; allowed: {', '.join(PRESETS)}")
     concepts = _parse_concepts(values.pop("concepts", None))
     reg_dir = str(values.pop("reg_dir", "") or "").strip()
     reg_caption = str(values.pop("reg_caption", "") or "").strip()
-    images = _approved_images(studio, character)
+    images = _approved_images(settings, db, character)
     seen = {character.id}
     for concept in concepts:
-        other = studio.characters.get(concept["character"])
+        other = characters.get(concept["character"])
         if other.id in seen:
             raise InputError(f"concepts: character {other.slug!r} is given twice; each concept once")
         seen.add(other.id)
-        images += [{**image, "repeats": concept["repeats"]} for image in _approved_images(studio, other)]
+        images += [
+            {**image, "repeats": concept["repeats"]} for image in _approved_images(settings, db, other)
+        ]
     if reg_dir:
-        images += regularization_images(studio, reg_dir, reg_caption)
+        images += regularization_images(settings, reg_dir, reg_caption)
     elif reg_caption:
         raise InputError("reg_caption is set but reg_dir is empty; give the folder of regularisation images")
-    style = {k: v["value"] for k, v in studio.characters.effective_style(character).items()}
-    model = values.pop("model", "") or style.get("model") or studio.default_model()
-    models = studio.roots.list_models()
-    name = studio.match_model(model)
-    path = studio.roots.resolve("diffusers", name, models)
-    family = training_family(path) if path.is_dir() else checkpoint_training_family(studio, name, path)
+    style = {k: v["value"] for k, v in characters.effective_style(character).items()}
+    model = values.pop("model", "") or style.get("model") or models.default_model()
+    roots = models.roots
+    name = models.match_model(model)
+    path = roots.resolve("diffusers", name, roots.list_models())
+    family = training_family(path) if path.is_dir() else checkpoint_training_family(models.hashes, name, path)
     if values.get("resume_from"):  # continue from a LoRA in models/loras, by name (never any server path)
-        loras = studio.roots.list_files("loras")
+        loras = roots.list_files("loras")
         wanted = str(values["resume_from"]).removesuffix(".safetensors")
-        values["resume_from"] = str(studio.roots.resolve("loras", wanted, loras))
+        values["resume_from"] = str(roots.resolve("loras", wanted, loras))
     train_values = {**PRESETS.get(preset, {}), **values}
     train_values.update(
         model=model,
@@ -386,18 +400,16 @@ def build_train_request(studio, values: dict[str, Any], own_packages: bool = Tru
     if train.max_train_epochs:  # epochs decide: the steps that cover them, from the images' real buckets
         steps = steps_for_epochs(train)
         train = TrainLoraRequest.build(**{**train.model_dump(), "max_train_steps": steps})
-    check_compatible(train, studio.device, packages=own_packages)
+    check_compatible(train, device, packages=own_packages)
     return TrainJobRequest.build(
         character_id=character.id, preset=preset, dataset_hash=dataset_hash(images), train=train
     )
 
 
-def checkpoint_training_family(studio, name: str, path: Path) -> str:
+def checkpoint_training_family(hashes: HashCache, name: str, path: Path) -> str:
     """A single-file checkpoint trains too: its family from the checkpoint inspection (the job converts it
     to a diffusers folder once, cached by the checkpoint's hash)."""
-    info = CheckpointInfo.decode(
-        studio.hashes.cached(path, "family", lambda p: inspect_checkpoint(p).encode())
-    )
+    info = CheckpointInfo.decode(hashes.cached(path, "family", lambda p: inspect_checkpoint(p).encode()))
     family = {"v1": "sd1", "v2": "sd2", "xl_base": "sdxl"}.get(info.model_type)
     if family is None:
         raise InputError(

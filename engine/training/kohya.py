@@ -53,8 +53,17 @@ from typing import Any
 from engine.artifacts import atomic_dir, atomic_write, safetensors_header
 from engine.characters.characters import Characters, inspect_lora
 from engine.errors import InputError, JobCancelledError, OutOfMemoryError
+from engine.model_manager.inventory import ModelInventory
 from engine.model_manager.pipelines import lora_format
-from engine.training.job import EMIT_INTERVAL_S, build_train_request, next_lora_version, register_lora_version
+from engine.settings import Settings
+from engine.store.database import Database
+from engine.training.job import (
+    EMIT_INTERVAL_S,
+    TrainJobRequest,
+    build_train_request,
+    next_lora_version,
+    register_lora_version,
+)
 from engine.training.trainer import MAX_GRAD_NORM, SAMPLE_GUIDANCE, SAMPLE_SEED, SAMPLE_STEPS, bucket_step
 
 log = logging.getLogger(__name__)
@@ -153,11 +162,27 @@ def _interpreter(settings, root: Path, scripts_dir: Path) -> Path:
 # --- checks before a job exists -----------------------------------------------------------------------------
 
 
-def build_kohya_request(studio, values: dict[str, Any]):
+def build_kohya_request(
+    values: dict[str, Any],
+    *,
+    settings: Settings,
+    db: Database,
+    characters: Characters,
+    models: ModelInventory,
+    device: str,
+) -> TrainJobRequest:
     """The TrainJobRequest of `values` (validated by build_train_request), after checking that the install
     is there and that sd-scripts can do what the request asks without changing its meaning."""
-    install = locate_install(studio.settings)
-    req = build_train_request(studio, values, own_packages=False)  # prodigy etc. live in kohya's venv
+    install = locate_install(settings)
+    req = build_train_request(  # prodigy etc. live in kohya's venv
+        values,
+        settings=settings,
+        db=db,
+        characters=characters,
+        models=models,
+        device=device,
+        own_packages=False,
+    )
     install.script(req.train.family)
     check_kohya_request(req.train)
     return req
@@ -632,12 +657,12 @@ def run_kohya_job(req, ctx) -> dict:
     train = req.train
     install = locate_install(rt.settings)
     script = install.script(train.family)
-    characters = Characters(rt.db, rt.models.roots.models_dir)
+    characters = ctx.characters
     character = characters.get(req.character_id)
     work = rt.settings.data_dir / "training" / ctx.job_id
     layout = KohyaLayout(work / "kohya")
     started = time.monotonic()
-    rt.models.unload()  # sd-scripts needs the memory the warm pipelines hold; they reload on the next generation
+    rt.make_room("train")  # sd-scripts needs the memory the warm pipelines hold; they reload on the next job
     model_folder = Path(train.model_path)
     if model_folder.is_file():  # a single-file checkpoint: the built-in trainer's cached diffusers conversion
         desc = f"converting {train.model} to diffusers"
@@ -844,12 +869,11 @@ class _Run:
         folder = self.layout.sample_dir
         if not folder.is_dir():
             return
-        rt = self.ctx.runtime
         for path in sorted(folder.glob("*.png")):
             if path.name in self._seen or not _png_complete(path):
                 continue
             self._seen.add(path.name)
-            out_dir = rt.outputs_dir / "training" / self.ctx.job_id / "live"
+            out_dir = self.ctx.outputs / "training" / self.ctx.job_id / "live"
             out_dir.mkdir(parents=True, exist_ok=True)
             dest = out_dir / path.name
             shutil.copy2(path, dest)

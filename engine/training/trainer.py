@@ -38,8 +38,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from engine.artifacts import TMP_PREFIX, atomic_dir, atomic_write, safetensors_header, save_png
-from engine.device import free_memory, is_out_of_memory, resolve_device
-from engine.errors import InputError, JobCancelledError, OutOfMemoryError
+from engine.device import oom_guard, resolve_device
+from engine.errors import InputError, JobCancelledError
 from engine.generation.modes import open_image
 from engine.requests import MAX_SEED, RequestBase
 
@@ -1001,20 +1001,16 @@ def train_lora(
         if is_cancelled():
             raise JobCancelledError("training was cancelled while waiting for another training to finish")
 
-    try:
-        return _Run(req, Path(work_dir), emit, is_cancelled, device).run()
-    except RuntimeError as e:
-        if not is_out_of_memory(e):
-            raise
-        # leave the except block first: the exception's frames hold the models, and so the memory
-    finally:
-        _TRAINING_LOCK.release()
-    free_memory(device)
-    raise OutOfMemoryError(
+    advice = (
         f"out of memory on {device} training at resolution={req.resolution}, batch_size={req.batch_size}: "
         "lower batch_size or resolution, or turn on gradient_checkpointing, mixed_precision or cache_latents "
         "(the last checkpoint is kept; the job resumes from it)"
     )
+    try:
+        with oom_guard(device, advice):
+            return _Run(req, Path(work_dir), emit, is_cancelled, device).run()
+    finally:
+        _TRAINING_LOCK.release()
 
 
 class _Run:

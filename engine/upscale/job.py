@@ -26,7 +26,6 @@ from engine.requests import MAX_SEED, RequestBase
 from engine.store.database import Asset, Generation, utcnow
 from engine.upscale.upscalers import (
     LANCZOS,
-    UpscalerCache,
     check_output_size,
     inspect_upscaler,
     load_sd_x4,
@@ -34,7 +33,7 @@ from engine.upscale.upscalers import (
     upscale_image,
     upscale_video,
 )
-from engine.video.generate import free_video_pipelines, read_metadata, video_thumbnail
+from engine.video.generate import read_metadata, video_thumbnail
 
 SD_X4_PREFIX = "SD x4: "
 SD_X4_CLASS = "StableDiffusionUpscalePipeline"
@@ -94,7 +93,7 @@ class UpscaleRequest(RequestBase):
     def target(self) -> tuple[int, int] | None:
         return (self.width, self.height) if self.width else None
 
-    def describe_scale(self, src_w: int, src_h: int) -> dict[str, str]:
+    def describe_scale(self) -> dict[str, str]:
         if self.width:
             return {"Postprocess upscale to": f"{self.width}x{self.height}"}
         return {"Postprocess upscale by": f"{self.scale:g}"}
@@ -242,16 +241,15 @@ class _Upscaler:
         self.pipe = None
         self.max_pixels = getattr(rt.settings, "max_upscale_pixels", 4096 * 4096)
         if self.kind == "sd_x4":
-            if rt.plan.is_gpu:
-                rt.models.unload()  # an image pipeline and the x4 upscaler rarely fit one GPU together
-                free_video_pipelines(rt)
+            rt.make_room("upscale_sd_x4")  # an image pipeline and the x4 upscaler rarely fit one GPU together
             self.pipe = load_sd_x4(self.path, rt.plan)
         elif self.kind == "model":
+            rt.make_room("upscale")
             self.info = inspect_upscaler(self.path, req.upscaler)
 
     def image(self, image, progress=None):
         rt, req = self.ctx.runtime, self.req
-        try:
+        with rt.oom_guard("lower the tile size or the scale, or use --cpu-offload"):
             if self.kind == "sd_x4":
                 check_output_size(
                     image.width,
@@ -281,24 +279,12 @@ class _Upscaler:
                 scale=0.0 if req.width else req.scale,
                 target=req.target(),
                 plan=rt.plan,
-                cache=_cache(rt),
+                cache=rt.upscalers,  # the worker's: a model stays loaded between jobs
                 tile=req.tile,
                 progress=progress,
                 cancelled=self.ctx.is_cancelled,
                 max_pixels=self.max_pixels,
             )
-        except Exception as e:
-            if rt.is_out_of_memory(e):
-                raise rt.out_of_memory(e, "lower the tile size or the scale, or use --cpu-offload") from e
-            raise
-
-
-def _cache(rt):
-    """One UpscalerCache per worker runtime: a model stays loaded between jobs."""
-    cache = getattr(rt, "upscalers", None)
-    if cache is None:
-        cache = rt.upscalers = UpscalerCache()
-    return cache
 
 
 def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> dict:
@@ -330,7 +316,7 @@ def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> di
             seed=req.seed,
         )
     recipe = {**recipe, "postprocess": [*recipe.get("postprocess", []), step]}
-    pp = {**req.describe_scale(*source_size), "Postprocess upscaler": up.name}
+    pp = {**req.describe_scale(), "Postprocess upscaler": up.name}
     chunks = {
         k: v for k, v in info.items() if isinstance(v, str) and k not in (RECIPE_CHUNK, POSTPROCESSING_CHUNK)
     }
@@ -340,7 +326,7 @@ def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> di
     chunks[POSTPROCESSING_CHUNK] = ", ".join(f"{k}: {v}" for k, v in pp.items())
     chunks[RECIPE_CHUNK] = json.dumps(recipe, ensure_ascii=False)
     day = utcnow().strftime("%Y-%m-%d")
-    path = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-upscaled.png"
+    path = ctx.outputs / day / f"{ctx.job_id[:12]}-{n:03d}-upscaled.png"
     save_png(image, path, chunks, icc_profile=icc)
     asset = Asset(
         kind="image",
@@ -388,16 +374,18 @@ def _generation_row(
         if gen
         else {}
     )
-    if not gen:
+    if not gen:  # an upload: no sampling to record, unless SD x4 sampled it (its step holds how)
+        step = (recipe.get("postprocess") or [{}])[-1]
+        sampled = step.get("kind") == "sd_x4" and "steps" in step
         base = {
             "model": upscaler,
             "model_hash": "",
-            "prompt": "",
-            "negative_prompt": "",
-            "seed": 0,
-            "steps": 0,
-            "cfg_scale": 0.0,
-            "sampler": "",
+            "prompt": step.get("prompt", "") if sampled else "",
+            "negative_prompt": step.get("negative_prompt", "") if sampled else "",
+            "seed": step["seed"] if sampled else None,
+            "steps": step["steps"] if sampled else None,
+            "cfg_scale": step["cfg_scale"] if sampled else None,
+            "sampler": None,
             "clip_skip": 1,
             "loras": [],
             "character": None,
@@ -450,7 +438,7 @@ def _upscale_video(ctx: RunContext, up: _Upscaler, src: dict, n: int, part: RunC
     rt, req = ctx.runtime, up.req
     info = probe(src["path"])  # a corrupt or truncated video is refused here, naming the file
     day = utcnow().strftime("%Y-%m-%d")
-    out = rt.outputs_dir / day / f"{ctx.job_id[:12]}-{n:03d}-upscaled.mp4"
+    out = ctx.outputs / day / f"{ctx.job_id[:12]}-{n:03d}-upscaled.mp4"
 
     def progress(done: int, frames: int) -> None:
         part.emit({"step": done, "total": max(frames, 1), "desc": f"{src['label']}: frame {done}/{frames}"})

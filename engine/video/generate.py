@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.artifacts import TMP_PREFIX, atomic_write
-from engine.device import free_memory, is_out_of_memory
-from engine.errors import InputError, JobCancelledError, NotFoundError, OutOfMemoryError, TransientError
+from engine.device import free_memory, oom_guard
+from engine.errors import InputError, JobCancelledError, NotFoundError, TransientError
 from engine.media.ffmpeg import (
     INPUT_OPTIONS,
     OUTPUT_FORMATS,
@@ -620,32 +620,34 @@ class VideoPipelines:
 
         previous, previous_key = self._pipe, self.loaded_key
         self._pipe, self.loaded_key = None, None
+        advice = (
+            f"out of memory loading {family.label} {model.name!r} on {self.plan.device}:"
+            " enable CPU offload or free the GPU"
+        )
         try:
-            if previous is not None and _same_ltx_weights(key, previous_key):
-                # LTX text->video and image->video share every component: build one from the other
-                import diffusers
+            with oom_guard(self.plan.device, advice):
+                if previous is not None and _same_ltx_weights(key, previous_key):
+                    # LTX text->video and image->video share every component: build one from the other
+                    import diffusers
 
-                if self.plan.cpu_offload:
-                    previous.remove_all_hooks()
-                pipe = getattr(diffusers, family.pipelines[mode]).from_pipe(previous)
-            else:
-                previous = None  # drop it before loading the next one
-                free_memory(self.plan.device)
-                pipe = _LOADERS[family.key](model, mode, base_model, self.plan)
-            self._pipe = _place(pipe, self.plan)
-        except Exception as e:
+                    if self.plan.cpu_offload:
+                        previous.remove_all_hooks()
+                    pipe = getattr(diffusers, family.pipelines[mode]).from_pipe(previous)
+                else:
+                    previous = None  # drop it before loading the next one
+                    free_memory(self.plan.device)
+                    pipe = _LOADERS[family.key](model, mode, base_model, self.plan)
+                self._pipe = _place(pipe, self.plan)
+        except Exception:
             self._pipe = previous = None
             free_memory(self.plan.device)
-            if is_out_of_memory(e):
-                raise OutOfMemoryError(
-                    f"out of memory loading {family.label} {model.name!r} on {self.plan.device}:"
-                    " enable CPU offload or free the GPU"
-                ) from None
             raise
         self.loaded_key = key
         return self._pipe
 
     def unload(self) -> None:
+        if self._pipe is None:
+            return
         self._pipe, self.loaded_key = None, None
         free_memory(self.plan.device)
 
@@ -776,30 +778,27 @@ def render_video(
         return kwargs
 
     args = _CALL_ARGS[family.key](pipe, spec, plan)
+    chunk = args.get("decode_chunk_size")
+    hint = f", decode_chunk_size (now {chunk})" if chunk else ""
+    offload = "" if plan.cpu_offload else " or enable CPU offload"
+    advice = (
+        f"out of memory rendering {spec.frames} frames at {spec.width}x{spec.height} with {family.label} on"
+        f" {plan.device}: lower frames, width/height{hint}{offload}"
+    )
     try:
-        result = pipe(
-            **args,
-            generator=torch.Generator("cpu").manual_seed(spec.seed),
-            output_type="pil",
-            callback_on_step_end=on_step,
-            callback_on_step_end_tensor_inputs=["latents"],
-        )
+        with oom_guard(plan.device, advice):
+            result = pipe(
+                **args,
+                generator=torch.Generator("cpu").manual_seed(spec.seed),
+                output_type="pil",
+                callback_on_step_end=on_step,
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
     except JobCancelledError:
         if hasattr(pipe, "maybe_free_model_hooks"):
             pipe.maybe_free_model_hooks()  # offloaded models go back to the CPU
         free_memory(plan.device)
         raise
-    except Exception as e:
-        if not is_out_of_memory(e):
-            raise
-        free_memory(plan.device)
-        chunk = args.get("decode_chunk_size")
-        hint = f", decode_chunk_size (now {chunk})" if chunk else ""
-        offload = "" if plan.cpu_offload else " or enable CPU offload"
-        raise OutOfMemoryError(
-            f"out of memory rendering {spec.frames} frames at {spec.width}x{spec.height} with {family.label} on"
-            f" {plan.device}: lower frames, width/height{hint}{offload}"
-        ) from None
     if getattr(pipe, "_interrupt", False) or (cancelled is not None and cancelled()):
         raise JobCancelledError(
             "video cancelled"
@@ -1108,10 +1107,3 @@ def video_thumbnail(video: Path, thumb: Path) -> None:
         animated_preview(video, thumb)
     except (InputError, TransientError):
         poster_frame(video, thumb)
-
-
-def free_video_pipelines(rt) -> None:
-    """Before another big pipeline takes the GPU: drop a loaded video pipeline (the Video tab reloads it)."""
-    pipes = getattr(rt, "video_pipes", None)
-    if pipes is not None and rt.plan.is_gpu:
-        pipes.unload()

@@ -32,10 +32,8 @@ from engine.requests import MAX_SEED, LoraSpec, RequestBase, parse_loras
 from engine.store.database import Asset, Generation, utcnow
 from engine.video.generate import (
     VIDEO_FAMILIES,
-    VideoPipelines,
     VideoSpec,
     check_video_spec,
-    free_video_pipelines,
     interpolate_fps,
     list_video_models,
     render_video,
@@ -254,23 +252,14 @@ def _render_diffusion(req: VideoRequest, ctx: RunContext, image, model, started:
         name = req.base_model
         path = rt.models.roots.resolve("diffusers", name, rt.models.roots.list_models())
         base = path if path.is_dir() else rt.models.diffusers_folder(path)
-    pipes = _pipelines(rt)
-    if rt.plan.is_gpu:
-        rt.models.unload()  # a video pipeline needs the GPU to itself
-    pipe = pipes.get(model, req.mode, base_model=base)
+    rt.make_room("video")  # a video pipeline needs the GPU to itself
+    pipe = rt.video_pipes.get(model, req.mode, base_model=base)
     lora_hashes = _apply_loras(pipe, req, rt) if model.family == "animatediff" else {}
     vctx = _video_ctx(req, ctx)
     callback = rt.step_callback(vctx.emit, ctx.is_cancelled, 0, spec.steps, started, previews=False)
-    try:
-        frames = render_video(
-            pipe, spec, plan=rt.plan, callback_on_step_end=callback, cancelled=ctx.is_cancelled
-        )
-    except Exception as e:
-        if rt.is_out_of_memory(e):
-            raise rt.out_of_memory(
-                e, "lower frames or size, set decode_chunk_size, or use --cpu-offload"
-            ) from e
-        raise
+    frames = render_video(  # out of memory: it frees the device and says what to lower
+        pipe, spec, plan=rt.plan, callback_on_step_end=callback, cancelled=ctx.is_cancelled
+    )
     detail = {
         "family": model.family,
         "family_label": family.label,
@@ -288,13 +277,6 @@ def _render_diffusion(req: VideoRequest, ctx: RunContext, image, model, started:
         "loras": [{"name": s.name, "weight": s.weight, "hash": lora_hashes.get(s.name)} for s in req.loras],
     }
     return frames, detail
-
-
-def _pipelines(rt):
-    pipes = getattr(rt, "video_pipes", None)
-    if pipes is None:
-        pipes = rt.video_pipes = VideoPipelines(rt.plan)
-    return pipes
 
 
 def _infotext(req: VideoRequest, detail: dict, version: str) -> str:
@@ -324,7 +306,7 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
     started = time.monotonic()
     image, source = _first_frame(req, ctx) if req.needs_first_frame() else (None, {})
     day = utcnow().strftime("%Y-%m-%d")
-    out = rt.outputs_dir / day / f"{ctx.job_id[:12]}-000-{req.seed}.mp4"
+    out = ctx.outputs / day / f"{ctx.job_id[:12]}-000-{req.seed}.mp4"
     out.parent.mkdir(parents=True, exist_ok=True)
     recipe: dict[str, Any] = {
         "app": "StudioNOVA",
@@ -403,10 +385,10 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
             model_hash="",
             prompt=prompt,
             negative_prompt=req.negative_prompt,
-            seed=req.seed,
-            steps=int(detail.get("steps") or 0),
-            cfg_scale=float(detail.get("cfg_scale") or 0),
-            sampler=detail.get("scheduler", ""),
+            seed=None if req.mode == "camera" else req.seed,  # a camera move draws no noise
+            steps=int(detail["steps"]) if detail.get("steps") else None,
+            cfg_scale=float(detail["cfg_scale"]) if detail.get("cfg_scale") is not None else None,
+            sampler=detail.get("scheduler") or None,
             width=info.width,
             height=info.height,
             loras=detail.get("loras") or [],
@@ -418,8 +400,6 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
         out.unlink(missing_ok=True)
         thumb.unlink(missing_ok=True)
         raise
-    finally:
-        free_video_pipelines(rt)  # on a GPU, the next image job needs the memory back
     return _result(rt, asset, gen, info)
 
 

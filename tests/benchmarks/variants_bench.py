@@ -106,6 +106,7 @@ def baseline_commands(plan_rows, hooks_png: dict[str, Path], out_dir: Path, over
 
 
 def bench_variants(workdir: Path | None = None) -> list[dict]:
+    from engine.media.service import variants_request
     from engine.media.text import render_text
     from engine.settings import Settings
     from engine.studio import Studio
@@ -121,7 +122,7 @@ def bench_variants(workdir: Path | None = None) -> list[dict]:
             "Wait for it...\nYou won't believe this\nPart 2 is crazy\nSave this for later", category="bench"
         )
         base = dict(videos=videos, audios=audios, hooks=[h.id for h in hooks], per_video=4, limit=100)
-        _, plan = studio.build_variants_request(base)
+        _, plan = variants_request(base, studio.library)
         rows = [(Path(a.video.path), Path(a.audio.path), a.hook.id if a.hook else "") for a in plan]
         font = max(12, round(1280 * 0.055))
         pngs = {}
