@@ -66,8 +66,30 @@ def settings_from_args(argv: list[str] | None = None, environ: dict[str, str] | 
     return Settings(**values)
 
 
+# The top-level groups and their tabs: (group id, label, ((tab id, label), ...)). Tab ids are what "send to"
+# buttons and ?tab= links name; group labels contain no tab's label (so each reads unambiguously).
+TAB_GROUPS = (
+    (
+        "create",
+        "Create",
+        (("generate", "Generate"), ("upscale", "Upscale"), ("video", "Video"), ("pnginfo", "PNG Info")),
+    ),
+    (
+        "cast",
+        "Character studio",
+        (("characters", "Characters"), ("ingest", "Ingest"), ("review", "Review"), ("train", "Train")),
+    ),
+    (
+        "collections",
+        "Collections",
+        (("gallery", "Gallery"), ("library", "Library"), ("variants", "Variants")),
+    ),
+    ("system", "System", (("models", "Models"), ("jobs", "Jobs"))),
+)
+
+
 def build_app(studio, settings: Settings):
-    """The Gradio Blocks app: one tab per ui/ module, a queue with explicit limits."""
+    """The Gradio Blocks app: one tab per ui/ module in four groups, a queue with explicit limits."""
     import gradio as gr
 
     from ui import (
@@ -98,35 +120,35 @@ def build_app(studio, settings: Settings):
                 {}, storage_key="studionova_jobs", secret=settings.browser_state_secret()
             ),
         )
+        builders = {
+            "generate": generate_tab.build,
+            "upscale": upscale_tab.build,
+            "video": video_tab.build,
+            "pnginfo": pnginfo_tab.build,
+            "characters": characters_tab.build,
+            "ingest": dataset_tab.build_ingest,
+            "review": dataset_tab.build_review,
+            "train": train_tab.build,
+            "gallery": gallery_tab.build,
+            "library": library_tab.build,
+            "variants": variants_tab.build,
+            "models": models_tab.build,
+            "jobs": jobs_tab.build,
+        }
+        built = {}
         with gr.Tabs() as ctx.tabs:
-            with gr.Tab("Generate", id="generate"):
-                ctx.form = generate_tab.build(ctx)
-            with gr.Tab("Gallery", id="gallery"):
-                gallery = gallery_tab.build(ctx)
-            with gr.Tab("PNG Info", id="pnginfo"):
-                pnginfo_tab.build(ctx)
-            with gr.Tab("Characters", id="characters"):
-                characters_tab.build(ctx)
-            with gr.Tab("Ingest", id="ingest"):
-                dataset_tab.build_ingest(ctx)
-            with gr.Tab("Review", id="review"):
-                dataset_tab.build_review(ctx)
-            with gr.Tab("Train", id="train"):
-                train_tab.build(ctx)
-            with gr.Tab("Upscale", id="upscale"):
-                upscale = upscale_tab.build(ctx)
-            with gr.Tab("Video", id="video"):
-                video = video_tab.build(ctx)
-            with gr.Tab("Models", id="models"):
-                models_tab.build(ctx)
-            with gr.Tab("Library", id="library"):
-                library_tab.build(ctx)
-            with gr.Tab("Variants", id="variants"):
-                variants_tab.build(ctx)
-            with gr.Tab("Jobs", id="jobs"):
-                jobs_tab.build(ctx)
-        upscale_tab.wire_send(ctx, upscale, gallery, video)
-        video_tab.wire_first_frame(ctx, video, gallery)
+            for group_id, group_label, tabs in TAB_GROUPS:
+                with gr.Tab(group_label, id=group_id), gr.Tabs() as ctx.tab_groups[group_id]:
+                    for tab_id, tab_label in tabs:
+                        ctx.tab_parent[tab_id] = group_id
+                        with gr.Tab(tab_label, id=tab_id):
+                            built[tab_id] = builders[tab_id](ctx)
+                            if tab_id == "generate":
+                                ctx.form = built[tab_id]
+        upscale_tab.wire_send(ctx, built["upscale"], built["gallery"], built["video"])
+        video_tab.wire_first_frame(ctx, built["video"], built["gallery"])
+        # ?tab=<tab id> (e.g. ?tab=review) opens that tab inside its group
+        demo.load(ctx.open_from_link, None, ctx.all_tabs(), api_visibility="private", queue=False)
     demo.queue(api_open=False, max_size=settings.max_queue, default_concurrency_limit=4)
     return demo
 

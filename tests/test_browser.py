@@ -101,6 +101,7 @@ def test_gallery_reuse_and_png_info_in_the_browser(app, tmp_path):
         api_name="/generate",
     )
     with open_page(app.url) as page:
+        page.get_by_role("tab", name="Collections").click()
         page.get_by_role("tab", name="Gallery").click()
         page.locator("#gallery_text textarea, #gallery_text input").first.fill("browser-gallery-word")
         page.locator("#gallery_search").click()
@@ -111,6 +112,7 @@ def test_gallery_reuse_and_png_info_in_the_browser(app, tmp_path):
         page.locator("#gallery_reuse").click()
         expect(page.locator("#prompt textarea")).to_have_value("browser-gallery-word tower", timeout=30_000)
 
+        page.get_by_role("tab", name="Create").click()
         page.get_by_role("tab", name="PNG Info").click()
         page.locator("#pnginfo_image input[type=file]").set_input_files(files[0]["image"])
         expect(page.locator("#pnginfo_infotext textarea")).to_have_value(
@@ -130,6 +132,7 @@ def test_models_tab_lists_checkpoints_with_family_and_hash(app, models_dir, tmp_
         :10
     ]
     with open_page(app.url) as page:
+        page.get_by_role("tab", name="System").click()
         page.get_by_role("tab", name="Models").click()
         page.locator("#models_refresh").click()
         row = page.locator("#models_table").get_by_role("row", name=re.compile(r"demo-single\.safetensors"))
@@ -217,6 +220,7 @@ def test_variants_in_the_browser(app, tmp_path):
         page.keyboard.press("Escape")
 
     with open_page(app.url) as page:
+        page.get_by_role("tab", name="Collections").click()
         page.get_by_role("tab", name="Variants").click()
         page.get_by_role("button", name="Refresh lists").last.click()
         page.wait_for_load_state("networkidle")
@@ -240,6 +244,7 @@ def test_library_upload_search_rename_and_hooks_in_the_browser(app, tmp_path):
 
     clip = make_clip(tmp_path / "library browser clip.mp4")
     with open_page(app.url) as page:
+        page.get_by_role("tab", name="Collections").click()
         page.get_by_role("tab", name="Library").click()
         page.locator("#library_files input[type=file]").set_input_files(str(clip))
         page.wait_for_load_state("networkidle")
@@ -268,3 +273,16 @@ def test_library_upload_search_rename_and_hooks_in_the_browser(app, tmp_path):
         page.locator("#hooks_table").scroll_into_view_if_needed()
         expect(page.locator("#hooks_table")).to_contain_text("browser hook two", timeout=30_000)
         page.screenshot(path=str(tmp_path / "library.png"), full_page=True)
+
+
+def test_tabs_are_grouped_and_a_link_opens_a_tab_in_its_group(app):
+    """Thirteen tabs in four groups; ?tab=<id> selects the group and then the tab in it."""
+    from playwright.sync_api import expect
+
+    with open_page(app.url + "?tab=review") as page:
+        groups = page.get_by_role("tab", name=re.compile(r"^(Create|Character studio|Collections|System)$"))
+        expect(groups).to_have_count(4)
+        expect(page.get_by_role("tab", name="Character studio")).to_have_attribute("aria-selected", "true")
+        expect(page.get_by_role("tab", name="Review", exact=True)).to_have_attribute("aria-selected", "true")
+        expect(page.locator("#review_panel")).to_be_visible(timeout=30_000)
+        expect(page.locator("#prompt")).to_be_hidden()

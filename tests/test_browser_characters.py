@@ -28,6 +28,7 @@ def test_create_ingest_and_review_with_shortcuts_in_the_browser(app, tmp_path):
     label = f"{name} ({slug})"
     files = [str(noise_png(tmp_path / f"gil{i}.png", 10 + i)) for i in range(2)]
     with open_page(app.url) as page:
+        page.get_by_role("tab", name="Character studio").click()
         page.get_by_role("tab", name="Characters").click()
         page.locator("#character_name input, #character_name textarea").first.fill(name)
         page.locator("#character_trigger input, #character_trigger textarea").first.fill(f"gil{tag}")
@@ -36,6 +37,7 @@ def test_create_ingest_and_review_with_shortcuts_in_the_browser(app, tmp_path):
         expect(page.locator("#character_status")).to_contain_text(f"{name} · revision 1", timeout=30_000)
         expect(page.locator("#character_pick input")).to_have_value(label)
 
+        page.get_by_role("tab", name="Character studio").click()
         page.get_by_role("tab", name="Ingest").click()
         page.locator("#ingest_refresh").click()
         pick_option(page, "ingest_character", label)
@@ -44,6 +46,7 @@ def test_create_ingest_and_review_with_shortcuts_in_the_browser(app, tmp_path):
         page.locator("#ingest_btn").click()
         expect(page.locator("#ingest_summary")).to_contain_text("2 added", timeout=60_000)
 
+        page.get_by_role("tab", name="Character studio").click()
         page.get_by_role("tab", name="Review").click()
         page.locator("#review_refresh").click()
         pick_option(page, "review_character", label)

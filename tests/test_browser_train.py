@@ -40,6 +40,7 @@ def test_train_in_the_browser_then_resume_after_a_crash(models_dir, model_config
                 character=c["slug"], item_ids=[a["id"] for a in added], action="approve", api_name="/review"
             )
             page.goto(app.url, wait_until="networkidle")
+            page.get_by_role("tab", name="Character studio").click()
             page.get_by_role("tab", name="Train").click()
             expect(page.locator("#train_resume_note")).to_be_hidden()  # nothing was interrupted yet
             page.get_by_role("button", name="Refresh").last.click()
@@ -70,6 +71,7 @@ def test_train_in_the_browser_then_resume_after_a_crash(models_dir, model_config
             client = Client(app.url, verbose=False)
             assert client.predict(job_id, api_name="/job_status")["status"] == "interrupted"
             page.goto(app.url, wait_until="networkidle")
+            page.get_by_role("tab", name="Character studio").click()
             page.get_by_role("tab", name="Train").click()
             note = page.locator("#train_resume_note")
             expect(note).to_contain_text("interrupted", timeout=30_000)

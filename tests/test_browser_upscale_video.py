@@ -26,6 +26,7 @@ def test_gallery_to_upscale_and_video_in_the_browser(app, tmp_path):
         prompt="browser-upscale-word harbour", steps=2, width=64, height=64, seed=77, api_name="/generate"
     )
     with open_page(app.url) as page:
+        page.get_by_role("tab", name="Collections").click()
         page.get_by_role("tab", name="Gallery").click()
         _field(page, "gallery_text").fill("browser-upscale-word")
         page.locator("#gallery_search").click()
@@ -48,6 +49,7 @@ def test_gallery_to_upscale_and_video_in_the_browser(app, tmp_path):
         expect(page.locator("#upscale_result img").first).to_be_visible(timeout=30_000)
         page.wait_for_function("() => document.querySelector('#upscale_result img')?.naturalWidth > 0")
 
+        page.get_by_role("tab", name="Collections").click()
         page.get_by_role("tab", name="Gallery").click()
         page.locator("#gallery_send_video").click()
         expect(_field(page, "video_generation_id")).to_have_value(generation_id, timeout=30_000)

@@ -39,14 +39,9 @@ def test_train_form_fields_follow_the_endpoint_parameters():
     from ui import train_tab
 
     source = inspect.getsource(train_tab.build)
-    assert "*(form[name] for name in FORM_FIELDS)" in source
+    assert "form.bind(\n        start.click, train_lora, API_ORDER" in source
     # the endpoint's parameters after character, model, preset are FORM_FIELDS, then backend
-    import ast
-
-    tree = ast.parse(inspect.getsource(train_tab))
-    fn = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "train_lora")
-    names = [a.arg for a in fn.args.args]
-    assert names[3:-2] == train_tab.FORM_FIELDS and names[-2:] == ["backend", "request"]
+    assert ("character", "model", "preset", *train_tab.FORM_FIELDS, "backend") == train_tab.API_ORDER
     quick = train_tab.preset_values("quick")
     assert (
         quick["rank"] == PRESETS["quick"]["rank"]

@@ -106,7 +106,11 @@ def build(ctx: UIContext) -> dict:
         result = gallery(*values)
         items = result["items"]
         pictures = [
-            (it["thumbnail_path"] or it["image_path"], f"{it['seed']} · {it['model']}") for it in items
+            (
+                it["thumbnail_path"] or it["image_path"],
+                it["model"] if it["seed"] is None else f"{it['seed']} · {it['model']}",  # None: no sampling
+            )
+            for it in items
         ]
         text_ = f"{result['total']} image(s) · page {result['page']} of {result['pages']}"
         return pictures, [it["generation_id"] for it in items], text_, result["page"]
@@ -179,7 +183,7 @@ def build(ctx: UIContext) -> dict:
     export_btn.click(export_image, [selected, export_format], [exported], api_name="export_image")
 
     if ctx.form is not None:
-        targets = [*form_targets(ctx.form), ctx.tabs]
+        targets = [*form_targets(ctx.form), *ctx.switch_outputs("generate")]
 
         def params_of(record: dict | None) -> dict:
             if not record:
@@ -190,10 +194,13 @@ def build(ctx: UIContext) -> dict:
                     "it in the Video tab or send it to upscale",
                     title="Not an image",
                 )
-            return dict((record.get("recipe") or {}).get("request") or {}, seed=record["seed"])
+            params = dict((record.get("recipe") or {}).get("request") or {})
+            if record.get("seed") is not None:  # an upscaled upload has no seed
+                params["seed"] = record["seed"]
+            return params
 
         def reuse_params(record: dict | None):
-            return [*form_updates(ctx.form, params_of(record)), gr.Tabs(selected="generate")]
+            return [*form_updates(ctx.form, params_of(record)), *ctx.switch_to("generate")]
 
         def send_img2img(record: dict | None, path: str | None):
             params = params_of(record)
@@ -201,13 +208,13 @@ def build(ctx: UIContext) -> dict:
                 *form_updates(
                     ctx.form, {"width": params.get("width"), "height": params.get("height")}, init_image=path
                 ),
-                gr.Tabs(selected="generate"),
+                *ctx.switch_to("generate"),
             ]
 
         reuse.click(reuse_params, [detail], targets, **PRIVATE)
         to_img2img.click(send_img2img, [detail, image], targets, **PRIVATE)
         to_inpaint.click(
-            lambda record, path: [*send_img2img(record, path)[:-1], gr.Tabs(selected="generate")],
+            send_img2img,
             [detail, image],
             targets,
             **PRIVATE,

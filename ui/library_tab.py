@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engine.media.library import public_item
-from ui.common import PRIVATE, UIContext, engine_errors, name_range_errors, username
+from ui.common import PRIVATE, UIContext, engine_errors, name_range_errors, username, wait_for_job
 
 KINDS = ["", "video", "audio", "image"]
 ITEM_COLUMNS = ["id", "kind", "name", "tags", "collection", "duration s", "size", "resolution"]
@@ -285,14 +285,7 @@ def build(ctx: UIContext) -> None:
         )
         with engine_errors():
             job_id, _ = studio.submit_motion_clip(values, owner=username(request))
-        for event in studio.watch(job_id):
-            if event["type"] == "done":
-                return event["result"]
-            if event["type"] in ("failed", "cancelled", "interrupted"):
-                raise gr.Error(
-                    f"clip {event['type']}: {event.get('error', '')}", title="Camera motion failed"
-                )
-        raise gr.Error("the clip job ended without a result")
+        return wait_for_job(studio, job_id, None, "clip", title="Camera motion failed")
 
     def join_clips_api(
         clips: str,

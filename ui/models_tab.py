@@ -6,7 +6,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username
+from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, follow_job, username
 
 COLUMNS = [
     "kind",
@@ -103,17 +103,19 @@ def build(ctx: UIContext) -> None:
         with engine_errors():
             jid, _token = studio.submit_download(values, owner=username(request))
         yield {"job_id": jid, "status": "queued"}, f"**queued** · job `{jid}`"
-        for event in studio.watch(jid):
-            if event["type"] == "progress":
-                total = event.get("total") or None
-                progress((event["step"], total) if total else None, desc=event.get("desc", ""), unit="bytes")
-            elif event["type"] == "done":
+        for event in follow_job(
+            studio,
+            jid,
+            progress,
+            what="download",
+            raise_on=("failed", "interrupted", "cancelled"),
+            unit="bytes",
+        ):
+            if event["type"] == "done":
                 res = dict(event["result"])
                 # a server path would read as a file to download in gradio_client: report it relative to models/
                 res["saved_as"] = studio.models_relative(res.pop("path", ""))
                 yield {"job_id": jid, "status": "succeeded", **res}, f"**saved** `{res['saved_as']}`"
-            elif event["type"] in ("failed", "interrupted", "cancelled"):
-                raise gr.Error(f"download {event['type']}: {event.get('error', '')}", title="Download failed")
 
     result = gr.JSON(visible=False)
     download.click(

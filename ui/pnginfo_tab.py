@@ -67,6 +67,11 @@ def build(ctx: UIContext) -> None:
                 raise gr.Error("this image has no parameters to load", title="Nothing to load")
             params = dict(info["params"])
             params["model"] = ctx.studio.match_model(params.get("model") or "") or None
-            return [*form_updates(ctx.form, params), gr.Tabs(selected="generate")]
+            return [*form_updates(ctx.form, params), *ctx.switch_to("generate")]
 
-        send.click(send_to_form, [details], [*form_targets(ctx.form), ctx.tabs], api_visibility="private")
+        send.click(
+            send_to_form,
+            [details],
+            [*form_targets(ctx.form), *ctx.switch_outputs("generate")],
+            api_visibility="private",
+        )

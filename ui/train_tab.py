@@ -8,7 +8,16 @@ from gradio.context import Context
 
 from engine.training.trainer import PRESETS, TrainLoraRequest
 from ui.characters_tab import character_choices
-from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, remember_token, username
+from ui.common import (
+    JOBS_CONCURRENCY_ID,
+    PRIVATE,
+    UIContext,
+    engine_errors,
+    follow_job,
+    remember_token,
+    username,
+)
+from ui.forms import Form
 
 OPTIMIZERS = ["adamw", "adamw8bit", "prodigy", "adafactor"]
 SCHEDULERS = ["constant", "constant_with_warmup", "cosine", "cosine_with_restarts", "linear"]
@@ -76,22 +85,10 @@ NOT_REQUEST_FIELDS = {
     "sample_prompts": "",
     "resume_from": "",
 }
-INT_FIELDS = {
-    "rank",
-    "max_train_steps",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "resolution",
-    "repeats",
-    "seed",
-    "lr_warmup_steps",
-    "checkpoint_every",
-    "sample_every",
-    "max_train_epochs",
-    "lr_num_cycles",
-    "keep_tokens",
-    "keep_checkpoints",
-}
+# what the form sends beside the request's own fields (the studio turns these into the request), and defaults
+UI_FIELDS = {"character": None, "preset": "quick", "backend": "builtin", **NOT_REQUEST_FIELDS}
+# /train_lora's parameter order, frozen for positional callers; a new field follows these
+API_ORDER = ("character", "model", "preset", *FORM_FIELDS, "backend")
 ZERO_MEANS_DEFAULT = {"resolution", "max_train_epochs"}  # 0 = the family's resolution / steps decide
 
 
@@ -128,101 +125,112 @@ def build(ctx: UIContext) -> None:
                 [], label="Interrupted run", allow_custom_value=True, elem_id="train_resume_pick"
             )
             resume_btn = gr.Button("Resume", size="sm", elem_id="train_resume_btn")
+    form = Form(TrainLoraRequest, extra=UI_FIELDS)
     with gr.Row():
-        character = gr.Dropdown(
+        character = form.dropdown(
+            "character",
+            "Character",
             character_choices(studio),
-            label="Character",
             value=None,
             allow_custom_value=True,
             elem_id="train_character",
         )
-        model = gr.Dropdown(
+        model = form.dropdown(
+            "model",
+            "Base model",
             [("(the character's)", ""), *studio.model_choices()],
             value="",
-            label="Base model",
             allow_custom_value=True,
             info="SD1.x, SD2.x or SDXL base: a diffusers folder or a single-file checkpoint",
         )
-        preset = gr.Radio(["", *PRESETS], value="quick", label="Preset", info="options below override it")
-        backend = gr.Radio(
+        preset = form.radio("preset", "Preset", ["", *PRESETS], info="options below override it")
+        form.radio(
+            "backend",
+            "Trainer",
             [("built-in (diffusers + peft)", "builtin"), ("kohya sd-scripts", "kohya")],
-            value="builtin",
-            label="Trainer",
             info="kohya needs --kohya-dir (a kohya_ss or sd-scripts install)",
         )
         refresh = gr.Button("Refresh", size="sm")
     v = preset_values("quick")
     with gr.Row():
-        rank = gr.Number(v["rank"], precision=0, label="Rank (network dim)")
-        alpha = gr.Number(v["alpha"], label="Alpha")
-        lr = gr.Number(v["learning_rate"], label="UNet learning rate")
-        te_lr = gr.Number(v["text_encoder_lr"], label="Text-encoder learning rate")
-        steps = gr.Number(v["max_train_steps"], precision=0, label="Max steps", elem_id="train_steps")
-        epochs = gr.Number(v["max_train_epochs"], precision=0, label="Epochs (0 = steps decide)")
+        form.number("rank", "Rank (network dim)", value=v["rank"])
+        form.number("alpha", "Alpha", value=v["alpha"])
+        form.number("learning_rate", "UNet learning rate", value=v["learning_rate"])
+        form.number("text_encoder_lr", "Text-encoder learning rate", value=v["text_encoder_lr"])
+        form.number("max_train_steps", "Max steps", value=v["max_train_steps"], elem_id="train_steps")
+        form.number("max_train_epochs", "Epochs (0 = steps decide)", value=v["max_train_epochs"])
     with gr.Row():
-        batch = gr.Number(v["batch_size"], precision=0, label="Batch size")
-        accum = gr.Number(v["gradient_accumulation_steps"], precision=0, label="Gradient accumulation")
-        resolution = gr.Number(
-            v["resolution"], precision=0, label="Resolution (0 = 512, SDXL 1024)", elem_id="train_resolution"
+        form.number("batch_size", "Batch size", value=v["batch_size"])
+        form.number(
+            "gradient_accumulation_steps", "Gradient accumulation", value=v["gradient_accumulation_steps"]
         )
-        repeats = gr.Number(v["repeats"], precision=0, label="Repeats")
-        seed = gr.Number(v["seed"], precision=0, label="Seed")
+        form.number(
+            "resolution", "Resolution (0 = 512, SDXL 1024)", value=v["resolution"], elem_id="train_resolution"
+        )
+        form.number("repeats", "Repeats", value=v["repeats"])
+        form.number("seed", "Seed", value=v["seed"])
     with gr.Row():
-        optimizer = gr.Dropdown(OPTIMIZERS, value=v["optimizer"], label="Optimizer")
-        scheduler = gr.Dropdown(SCHEDULERS, value=v["lr_scheduler"], label="LR scheduler")
-        warmup = gr.Number(v["lr_warmup_steps"], precision=0, label="Warm-up steps")
-        cycles = gr.Number(v["lr_num_cycles"], precision=0, label="Restarts (cosine with restarts)")
-        precision = gr.Radio(["no", "fp16", "bf16"], value=v["mixed_precision"], label="Mixed precision")
-        noise_offset = gr.Number(v["noise_offset"], label="Noise offset")
-        min_snr = gr.Number(v["min_snr_gamma"], label="Min-SNR gamma (0 = off)")
+        form.dropdown("optimizer", "Optimizer", OPTIMIZERS, value=v["optimizer"])
+        form.dropdown("lr_scheduler", "LR scheduler", SCHEDULERS, value=v["lr_scheduler"])
+        form.number("lr_warmup_steps", "Warm-up steps", value=v["lr_warmup_steps"])
+        form.number("lr_num_cycles", "Restarts (cosine with restarts)", value=v["lr_num_cycles"])
+        form.radio("mixed_precision", "Mixed precision", ["no", "fp16", "bf16"], value=v["mixed_precision"])
+        form.number("noise_offset", "Noise offset", value=v["noise_offset"])
+        form.number("min_snr_gamma", "Min-SNR gamma (0 = off)", value=v["min_snr_gamma"])
     with gr.Row():
-        train_te = gr.Checkbox(v["train_text_encoder"], label="Train text encoder")
-        locon = gr.Checkbox(v["locon"], label="LoCon (conv layers)")
-        flip = gr.Checkbox(v["random_flip"], label="Random flip")
-        shuffle = gr.Checkbox(v["shuffle_captions"], label="Shuffle captions")
-        checkpointing = gr.Checkbox(v["gradient_checkpointing"], label="Gradient checkpointing")
-        bucketing = gr.Checkbox(v["bucketing"], label="Aspect-ratio buckets")
-        cache_latents = gr.Checkbox(v["cache_latents"], label="Cache latents")
+        form.checkbox("train_text_encoder", "Train text encoder", value=v["train_text_encoder"])
+        form.checkbox("locon", "LoCon (conv layers)", value=v["locon"])
+        form.checkbox("random_flip", "Random flip", value=v["random_flip"])
+        form.checkbox("shuffle_captions", "Shuffle captions", value=v["shuffle_captions"])
+        form.checkbox("gradient_checkpointing", "Gradient checkpointing", value=v["gradient_checkpointing"])
+        form.checkbox("bucketing", "Aspect-ratio buckets", value=v["bucketing"])
+        form.checkbox("cache_latents", "Cache latents", value=v["cache_latents"])
     with gr.Accordion("Captions, concepts and regularisation", open=False):
         with gr.Row():
-            caption_dropout = gr.Number(v["caption_dropout"], label="Caption dropout (0-1)")
-            keep_tokens = gr.Number(
-                v["keep_tokens"], precision=0, label="Keep tokens (shuffle leaves them first)"
-            )
-            concepts = gr.Textbox(
-                v["concepts"],
-                label="More concepts",
+            form.number("caption_dropout", "Caption dropout (0-1)", value=v["caption_dropout"])
+            form.number("keep_tokens", "Keep tokens (shuffle leaves them first)", value=v["keep_tokens"])
+            form.textbox(
+                "concepts",
+                "More concepts",
+                value=v["concepts"],
                 lines=2,
                 placeholder="other-character-slug:repeats",
                 info="other characters' approved sets, one 'slug:repeats' per line",
             )
         with gr.Row():
-            reg_dir = gr.Textbox(
-                v["reg_dir"],
-                label="Regularisation folder",
+            form.textbox(
+                "reg_dir",
+                "Regularisation folder",
+                value=v["reg_dir"],
                 info="class images on the server, inside --ingest-roots (a kohya reg folder works)",
             )
-            reg_caption = gr.Textbox(
-                v["reg_caption"], label="Class prompt", info="caption of reg images without a .txt"
+            form.textbox(
+                "reg_caption",
+                "Class prompt",
+                value=v["reg_caption"],
+                info="caption of reg images without a .txt",
             )
-            prior_loss_weight = gr.Number(v["prior_loss_weight"], label="Prior loss weight")
+            form.number("prior_loss_weight", "Prior loss weight", value=v["prior_loss_weight"])
     with gr.Accordion("Checkpoints, output and samples", open=False):
         with gr.Row():
-            checkpoint_every = gr.Number(v["checkpoint_every"], precision=0, label="Checkpoint every N steps")
-            keep_checkpoints = gr.Number(v["keep_checkpoints"], precision=0, label="Checkpoints kept")
-            save_precision = gr.Radio(
-                ["fp16", "bf16", "float"], value=v["save_precision"], label="Save precision"
+            form.number("checkpoint_every", "Checkpoint every N steps", value=v["checkpoint_every"])
+            form.number("keep_checkpoints", "Checkpoints kept", value=v["keep_checkpoints"])
+            form.radio(
+                "save_precision", "Save precision", ["fp16", "bf16", "float"], value=v["save_precision"]
             )
-            resume_from = gr.Dropdown(
+            resume_from = form.dropdown(
+                "resume_from",
+                "Continue from a LoRA",
                 ["", *studio.lora_names()],
                 value="",
                 allow_custom_value=True,
-                label="Continue from a LoRA",
                 info="its weights start the training",
             )
         with gr.Row():
-            sample_every = gr.Number(v["sample_every"], precision=0, label="Sample every N steps (0 = off)")
-            sample_prompts = gr.Textbox(v["sample_prompts"], label="Sample prompts (one per line)", lines=2)
+            form.number("sample_every", "Sample every N steps (0 = off)", value=v["sample_every"])
+            form.textbox(
+                "sample_prompts", "Sample prompts (one per line)", value=v["sample_prompts"], lines=2
+            )
     with gr.Row():
         start = gr.Button("Train LoRA", variant="primary", elem_id="train_btn")
         stop = gr.Button("Cancel (keeps the last checkpoint)", variant="stop")
@@ -234,78 +242,25 @@ def build(ctx: UIContext) -> None:
     token = gr.Textbox(visible=False)
     result = gr.JSON(label="Result", elem_id="train_result")
 
-    def train_lora(
-        character: str,
-        model: str = "",
-        preset: str = "quick",
-        rank: float | None = None,
-        alpha: float | None = None,
-        learning_rate: float | None = None,
-        text_encoder_lr: float | None = None,
-        max_train_steps: float | None = None,
-        batch_size: float | None = None,
-        gradient_accumulation_steps: float | None = None,
-        resolution: float | None = None,
-        repeats: float | None = None,
-        seed: float | None = None,
-        optimizer: str | None = None,
-        lr_scheduler: str | None = None,
-        lr_warmup_steps: float | None = None,
-        mixed_precision: str | None = None,
-        noise_offset: float | None = None,
-        min_snr_gamma: float | None = None,
-        train_text_encoder: bool | None = None,
-        locon: bool | None = None,
-        random_flip: bool | None = None,
-        shuffle_captions: bool | None = None,
-        gradient_checkpointing: bool | None = None,
-        checkpoint_every: float | None = None,
-        sample_every: float | None = None,
-        sample_prompts: str | None = None,
-        max_train_epochs: float | None = None,
-        lr_num_cycles: float | None = None,
-        bucketing: bool | None = None,
-        cache_latents: bool | None = None,
-        caption_dropout: float | None = None,
-        keep_tokens: float | None = None,
-        concepts: str | None = None,
-        reg_dir: str | None = None,
-        reg_caption: str | None = None,
-        prior_loss_weight: float | None = None,
-        keep_checkpoints: float | None = None,
-        save_precision: str | None = None,
-        resume_from: str | None = None,
-        backend: str = "builtin",
-        request: gr.Request = None,
-    ) -> dict:
+    def train_lora(request: gr.Request = None, **fields) -> dict:
         """Train a LoRA on the character's approved images: a preset (quick, balanced, quality) plus the options
         given (left out = the preset's or the default). concepts: other characters' sets as "slug:repeats"
         lines; reg_dir: a server folder of regularisation images inside the ingest roots; resume_from: a LoRA
         name in models/loras to continue from; resolution/max_train_epochs 0 = the family's / steps decide;
         backend: "builtin" or "kohya" (a configured sd-scripts install). Returns {"job_id", "cancel_token"} at
         once; follow it with /job_status. The result is models/loras/<slug>-v<k>.safetensors in kohya format."""
-        given = dict(locals())
-        values: dict = {}
-        for name in FORM_FIELDS:
-            value = given[name]
-            if value is None or (isinstance(value, str) and not value.strip()):
-                continue
-            if name in INT_FIELDS:
-                value = int(value)
-            elif isinstance(value, int | float) and not isinstance(value, bool):
-                value = float(value)
-            if name in ZERO_MEANS_DEFAULT and value == 0:
-                continue
-            values[name] = value.strip() if isinstance(value, str) else value
+        head = {name: fields.pop(name, None) or "" for name in ("character", "model", "preset")}
+        backend = fields.pop("backend", None) or "builtin"
+        values = form.values({k: v.strip() if isinstance(v, str) else v for k, v in fields.items()})
+        for name in ZERO_MEANS_DEFAULT:
+            if values.get(name) == 0:
+                del values[name]
         if "sample_prompts" in values:
             values["sample_prompts"] = [p.strip() for p in values["sample_prompts"].splitlines() if p.strip()]
-        if backend and backend != "builtin":
+        if backend != "builtin":
             values["backend"] = backend
         with engine_errors():
-            jid, tok = studio.submit_train_lora(
-                {"character": character or "", "model": model or "", "preset": preset or "", **values},
-                owner=username(request),
-            )
+            jid, tok = studio.submit_train_lora({**head, **values}, owner=username(request))
         return {"job_id": jid, "cancel_token": tok}
 
     def follow(submitted: dict | None):
@@ -318,7 +273,7 @@ def build(ctx: UIContext) -> None:
         points: list[dict] = []
         shown: list = []
         yield jid, submitted["cancel_token"], f"**queued** · training `{jid}`", gr.skip(), gr.skip(), None
-        for event in studio.watch(jid):
+        for event in follow_job(studio, jid, raise_on=()):
             if event["type"] == "progress" and "loss" in event:
                 points.append({"step": event["step"], "loss": event["loss"]})
                 yield (
@@ -353,46 +308,6 @@ def build(ctx: UIContext) -> None:
                     None,
                 )
 
-    form = {
-        "rank": rank,
-        "alpha": alpha,
-        "learning_rate": lr,
-        "text_encoder_lr": te_lr,
-        "max_train_steps": steps,
-        "batch_size": batch,
-        "gradient_accumulation_steps": accum,
-        "resolution": resolution,
-        "repeats": repeats,
-        "seed": seed,
-        "optimizer": optimizer,
-        "lr_scheduler": scheduler,
-        "lr_warmup_steps": warmup,
-        "mixed_precision": precision,
-        "noise_offset": noise_offset,
-        "min_snr_gamma": min_snr,
-        "train_text_encoder": train_te,
-        "locon": locon,
-        "random_flip": flip,
-        "shuffle_captions": shuffle,
-        "gradient_checkpointing": checkpointing,
-        "checkpoint_every": checkpoint_every,
-        "sample_every": sample_every,
-        "sample_prompts": sample_prompts,
-        "max_train_epochs": epochs,
-        "lr_num_cycles": cycles,
-        "bucketing": bucketing,
-        "cache_latents": cache_latents,
-        "caption_dropout": caption_dropout,
-        "keep_tokens": keep_tokens,
-        "concepts": concepts,
-        "reg_dir": reg_dir,
-        "reg_caption": reg_caption,
-        "prior_loss_weight": prior_loss_weight,
-        "keep_checkpoints": keep_checkpoints,
-        "save_precision": save_precision,
-        "resume_from": resume_from,
-    }
-    inputs = [character, model, preset, *(form[name] for name in FORM_FIELDS), backend]
     # a preset fills the form (what it leaves alone goes back to the default); the dataset fields stay
     kept = {"concepts", "reg_dir", "reg_caption", "resume_from", "sample_prompts"}
     filled = [name for name in FORM_FIELDS if name not in kept]
@@ -400,7 +315,9 @@ def build(ctx: UIContext) -> None:
         lambda p: [preset_values(p)[name] for name in filled], [preset], [form[n] for n in filled], **PRIVATE
     )
     submitted = gr.JSON(visible=False)
-    start.click(train_lora, inputs, [submitted], api_name="train_lora").success(
+    form.bind(
+        start.click, train_lora, API_ORDER, outputs=[submitted], required=["character"], api_name="train_lora"
+    ).success(
         follow,
         [submitted],
         [job_id, token, status, curve, samples, result],

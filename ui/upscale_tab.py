@@ -18,6 +18,7 @@ from ui.common import (
     PRIVATE,
     UIContext,
     engine_errors,
+    follow_job,
     name_range_errors,
     username,
     wire_job_controls,
@@ -156,10 +157,8 @@ def build(ctx: UIContext) -> dict:
         with engine_errors():
             jid, token = studio.submit_upscale(values, owner=username(request))
         yield [], None, {"job_id": jid}, jid, token, f"**queued** · job `{jid}`"
-        for event in studio.watch(jid):
-            if event["type"] == "progress":
-                progress((event["step"], event["total"]), desc=event.get("desc", ""))
-            elif event["type"] == "done":
+        for event in follow_job(studio, jid, progress, what=f"job {jid}", title="Upscale failed"):
+            if event["type"] == "done":
                 items = event["result"]["items"]
                 pics = [
                     (str(outputs_dir / it["file"]), f"{it['width']}x{it['height']} · {it['source']}")
@@ -177,9 +176,6 @@ def build(ctx: UIContext) -> dict:
                 )
             elif event["type"] == "cancelled":
                 yield [], None, {"job_id": jid, "status": "cancelled"}, jid, token, "**cancelled**"
-                return
-            elif event["type"] in ("failed", "interrupted"):
-                raise gr.Error(f"job {jid} {event['type']}: {event.get('error', '')}", title="Upscale failed")
 
     fields = dict(
         images=images,
@@ -234,30 +230,30 @@ def wire_send(ctx: UIContext, targets: dict, gallery: dict | None, video_tab: di
         ids = [p.strip() for p in (current or "").split(",") if p.strip()]
         if generation_id not in ids:
             ids.append(generation_id)
-        return ", ".join(ids), gr.Tabs(selected="upscale")
+        return ", ".join(ids), *ctx.switch_to("upscale")
 
     def add_page(current: str, page_ids: list | None):
         ids = [p.strip() for p in (current or "").split(",") if p.strip()]
         ids += [g for g in (page_ids or []) if g not in ids]
-        return ", ".join(ids), gr.Tabs(selected="upscale")
+        return ", ".join(ids), *ctx.switch_to("upscale")
 
     if gallery is not None:
         gallery["send_upscale"].click(
             add,
             [targets["generation_ids"], gallery["selected"]],
-            [targets["generation_ids"], ctx.tabs],
+            [targets["generation_ids"], *ctx.switch_outputs("upscale")],
             **PRIVATE,
         )
         gallery["send_page_upscale"].click(
             add_page,
             [targets["generation_ids"], gallery["ids"]],
-            [targets["generation_ids"], ctx.tabs],
+            [targets["generation_ids"], *ctx.switch_outputs("upscale")],
             **PRIVATE,
         )
     if video_tab is not None:
         video_tab["send_upscale"].click(
             add,
             [targets["generation_ids"], video_tab["generation_id"]],
-            [targets["generation_ids"], ctx.tabs],
+            [targets["generation_ids"], *ctx.switch_outputs("upscale")],
             **PRIVATE,
         )

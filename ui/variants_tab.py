@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from engine.media.variants import SIZES
-from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, username
+from ui.common import JOBS_CONCURRENCY_ID, PRIVATE, UIContext, engine_errors, follow_job, username
 
 PLAN_COLUMNS = ["#", "video", "audio", "hook"]
 
@@ -207,7 +207,7 @@ def build(ctx: UIContext) -> None:
         if not info or not info.get("batch_id"):
             return
         done: list[tuple[str, str]] = []
-        for event in studio.watch(info["batch_id"]):
+        for event in follow_job(studio, info["batch_id"], raise_on=()):
             if event["type"] == "progress":
                 row = event.get("variant")
                 if row and row.get("ok"):

@@ -18,6 +18,7 @@ from ui.common import (
     PRIVATE,
     UIContext,
     engine_errors,
+    follow_job,
     name_range_errors,
     username,
     wire_job_controls,
@@ -220,10 +221,8 @@ def build(ctx: UIContext) -> dict:
         with engine_errors():
             jid, token = studio.submit_video(values, owner=username(request))
         yield None, {"job_id": jid}, "", jid, token, f"**queued** · job `{jid}`"
-        for event in studio.watch(jid):
-            if event["type"] == "progress":
-                progress((event["step"], event["total"]), desc=event.get("desc", ""))
-            elif event["type"] == "done":
+        for event in follow_job(studio, jid, progress, what=f"job {jid}", title="Video failed"):
+            if event["type"] == "done":
                 res = event["result"]
                 yield (
                     str(outputs_dir / res["file"]),
@@ -235,9 +234,6 @@ def build(ctx: UIContext) -> dict:
                 )
             elif event["type"] == "cancelled":
                 yield None, {"job_id": jid, "status": "cancelled"}, "", jid, token, "**cancelled**"
-                return
-            elif event["type"] in ("failed", "interrupted"):
-                raise gr.Error(f"job {jid} {event['type']}: {event.get('error', '')}", title="Video failed")
 
     fields = dict(
         mode=mode,
@@ -320,11 +316,11 @@ def wire_first_frame(ctx: UIContext, video_tab: dict, gallery: dict | None) -> N
         if str((record or {}).get("image_path") or "").lower().endswith(VIDEO_SUFFIXES):
             raise gr.Error("a clip cannot be a first frame: pick an image", title="Not an image")
         # the gallery image replaces an uploaded one, and needs a mode that takes a first frame
-        return generation_id, None, "img2video" if mode == "txt2video" else mode, gr.Tabs(selected="video")
+        return generation_id, None, "img2video" if mode == "txt2video" else mode, *ctx.switch_to("video")
 
     gallery["send_video"].click(
         send,
         [gallery["selected"], video_tab["mode"], gallery["detail"]],
-        [video_tab["generation_input"], video_tab["image"], video_tab["mode"], ctx.tabs],
+        [video_tab["generation_input"], video_tab["image"], video_tab["mode"], *ctx.switch_outputs("video")],
         **PRIVATE,
     )

@@ -178,7 +178,15 @@ VARIANTS_HEADING = "## Variant batches (issue 4)"
 TRAINING_HEADING = "## LoRA training (issue 6)"
 COMFY_HEADING = "## ComfyUI client (issue 7)"
 UPSCALE_HEADING = "## Upscaling (issue 8)"
-SECTION_HEADINGS = (GALLERY_HEADING, VARIANTS_HEADING, TRAINING_HEADING, COMFY_HEADING, UPSCALE_HEADING)
+GPU_HEADING = "## GPU pass (issue 23)"  # written by tests/benchmarks/gpu_bench.py on a GPU machine
+SECTION_HEADINGS = (
+    GALLERY_HEADING,
+    VARIANTS_HEADING,
+    TRAINING_HEADING,
+    COMFY_HEADING,
+    UPSCALE_HEADING,
+    GPU_HEADING,
+)
 # Observed by hand over several runs of the generation section; kept with it when it is rewritten.
 SPREAD_NOTE = """
 ## Run-to-run spread on this machine (hand-written, 2026-11-22)
