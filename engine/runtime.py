@@ -20,6 +20,7 @@ from engine.characters.characters import Characters
 from engine.characters.datasets import Datasets
 from engine.device import DevicePlan, oom_guard
 from engine.errors import JobCancelledError
+from engine.generation.request import GENERATION_STYLE
 from engine.media.library import Library
 from engine.media.variants import library_root
 from engine.model_manager.pipelines import ModelManager
@@ -117,7 +118,7 @@ class WorkerRuntime:
     # --- the services runners share, built once per runtime ------------------------------------
     @cached_property
     def characters(self) -> Characters:
-        return Characters(self.db, self.models.roots.models_dir)
+        return Characters(self.db, self.models.roots.models_dir, GENERATION_STYLE)
 
     @cached_property
     def datasets(self) -> Datasets:

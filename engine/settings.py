@@ -187,6 +187,11 @@ class Settings:
         return self.data_dir / "outputs"
 
     @property
+    def styles_path(self) -> Path:
+        """Saved styles, in A1111's styles.csv format (users copy theirs here)."""
+        return self.data_dir / "styles.csv"
+
+    @property
     def cache_dir(self) -> Path:
         return self.data_dir / "cache"
 

@@ -18,7 +18,8 @@ from engine.comfyui.pool import parse_server_spec
 from engine.device import resolve_device
 from engine.gallery import records
 from engine.gallery.export import export_image
-from engine.generation.request import GenerateRequest
+from engine.generation.character_jobs import CharacterJobs
+from engine.generation.request import GENERATION_STYLE, GenerateRequest
 from engine.generation.styles import StyleBook
 from engine.generation.submit import GenerationService, style_book
 from engine.jobs.executor import InProcessExecutor
@@ -64,16 +65,18 @@ class Studio:
     library: Library = field(init=False, repr=False)
     generator: GenerationService = field(init=False, repr=False)
     people: CharacterService = field(init=False, repr=False)
+    character_jobs: CharacterJobs = field(init=False, repr=False)
     training: TrainingService = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         s, db = self.settings, self.db
         self.models = ModelInventory(s, HashCache(db))
-        self.characters = Characters(db, s.models_dir)
+        self.characters = Characters(db, s.models_dir, GENERATION_STYLE)
         self.datasets = Datasets(db, s.outputs_dir, self.characters)
         self.library = Library(db, library_root(s.outputs_dir))
-        self.generator = GenerationService(s, self.models, self.characters)
-        self.people = CharacterService(s, db, self.characters, self.datasets, self.generator)
+        self.generator = GenerationService(s, self.models, self.characters, comfy.request_check(s))
+        self.people = CharacterService(s, db, self.characters, self.datasets)
+        self.character_jobs = CharacterJobs(db, self.characters, self.datasets, self.generator)
         self.training = TrainingService(s, db, self.characters, self.models, self.device)
 
     @classmethod
@@ -96,7 +99,7 @@ class Studio:
                 db,
                 settings.outputs_dir,
                 ver,
-                settings.data_dir / "styles.csv",
+                settings.styles_path,
                 settings.model_configs_path,
                 settings.cache_dir,
                 settings,
@@ -246,10 +249,12 @@ class Studio:
         return self.people.suggest_character(item_id)
 
     def regenerate_rejected(self, character: str, owner: str = "anonymous") -> dict:
-        return self.people.regenerate_rejected(self.jobs, character, owner)
+        return self.character_jobs.regenerate_rejected(self.jobs, character, owner)
 
     def submit_reference_sheet(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
-        return self.jobs.submit("reference_sheet", self.people.reference_sheet_request(values), owner=owner)
+        return self.jobs.submit(
+            "reference_sheet", self.character_jobs.reference_sheet_request(values), owner=owner
+        )
 
     def submit_train_lora(self, values: dict[str, Any], owner: str = "anonymous") -> tuple[str, str]:
         kind, req = self.training.train_request(values)

@@ -10,5 +10,6 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]'
 export HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False
 .venv/bin/python -m ruff check .
+.venv/bin/python -m ruff format --check .
 .venv/bin/lint-imports --no-cache --no-logo  # the layering contracts in pyproject.toml
 exec .venv/bin/python -m pytest -q "$@"

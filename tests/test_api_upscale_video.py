@@ -8,8 +8,8 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image, PngImagePlugin
 
+from engine.media.clips import read_metadata
 from engine.media.ffmpeg import probe
-from engine.video.generate import read_metadata
 
 
 @pytest.fixture(scope="module")

@@ -178,8 +178,8 @@ EXPECTED_KINDS = {  # name: (runner, request, uses_gpu, resumable, queue), as be
     "upscale": ("engine.upscale.job:run_upscale_job", "engine.upscale.job:UpscaleRequest", True, False, ""),
     "generate_video": ("engine.video.job:run_video_job", "engine.video.job:VideoRequest", True, False, ""),
     "reference_sheet": (
-        "engine.characters.reference_sheet:run_reference_sheet_job",
-        "engine.characters.reference_sheet:ReferenceSheetRequest",
+        "engine.generation.reference_sheet:run_reference_sheet_job",
+        "engine.generation.reference_sheet:ReferenceSheetRequest",
         True,
         False,
         "",

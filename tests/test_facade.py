@@ -44,3 +44,17 @@ def test_no_engine_function_takes_the_studio():
                 if any(a.arg == "studio" for a in args):
                     offenders.append(f"{path.relative_to(ENGINE.parent)}:{node.lineno} {node.name}")
     assert not offenders, f"engine functions taking the Studio object: {offenders}"
+
+
+def test_a_generation_service_without_the_comfyui_check_refuses_comfyui_requests(studio):
+    """The facade injects engine.comfyui's check; a service built without it refuses rather than skips it."""
+    import dataclasses
+
+    import pytest
+
+    from engine.errors import InputError
+
+    bare = dataclasses.replace(studio.generator, remote_check=None)
+    with pytest.raises(InputError, match="engine='comfyui' is not available"):
+        bare.build_generate_request({"prompt": "x", "engine": "comfyui", "model": "sd15.safetensors"})
+    assert studio.generator.remote_check is not None

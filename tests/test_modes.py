@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 from engine.errors import InputError, NotFoundError
 from engine.gallery.infotext import parse_infotext
 from engine.generation import modes
-from engine.generation.prompts import Fragment, encode_prompts, extract_lora_tags, parse_prompt
+from engine.generation.prompts import Fragment, encode_prompts, parse_prompt
+from engine.prompt_tags import extract_lora_tags
 from tests.test_generate import pixels, run
 
 

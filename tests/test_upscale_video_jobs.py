@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from engine.errors import InputError, StudioError
+from engine.media.clips import read_metadata
 from engine.media.ffmpeg import probe
-from engine.video.generate import read_metadata
 
 
 def _upload(studio, name: str, size=(64, 48)):

@@ -10,20 +10,16 @@ from pathlib import Path
 import pytest
 
 from engine.errors import InputError, JobCancelledError
+from engine.media.clips import animated_preview, interpolate_fps, poster_frame, read_metadata, write_mp4
 from engine.video.generate import (
     VIDEO_FAMILIES,
     VideoModel,
     VideoPipelines,
     VideoSpec,
-    animated_preview,
     check_video_spec,
     detect_video_family,
-    interpolate_fps,
     list_video_models,
-    poster_frame,
-    read_metadata,
     render_video,
-    write_mp4,
 )
 from tests.video_factories import (
     build_tiny_ltx,
@@ -349,10 +345,10 @@ def test_interpolate_fps_and_previews(tmp_path, monkeypatch):
     gif = animated_preview(src, tmp_path / "preview.gif", max_side=32, fps=4)
     with Image.open(gif) as im:
         assert im.format == "GIF" and im.n_frames > 1
-    import engine.video.generate
+    import engine.media.clips
 
     monkeypatch.setattr(
-        engine.video.generate, "_ffmpeg_encoders", lambda: ""
+        engine.media.clips, "_ffmpeg_encoders", lambda: ""
     )  # an ffmpeg without libwebp: Pillow
     fallback = animated_preview(src, tmp_path / "fallback.webp", max_side=32, fps=4)
     with Image.open(fallback) as im:

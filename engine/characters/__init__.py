@@ -13,8 +13,4 @@ JOB_KINDS = {
         "engine.characters.datasets:CaptionRequest",
         uses_gpu=False,
     ),
-    "reference_sheet": JobKind(
-        "engine.characters.reference_sheet:run_reference_sheet_job",
-        "engine.characters.reference_sheet:ReferenceSheetRequest",
-    ),
 }

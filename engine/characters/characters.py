@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,6 @@ from sqlmodel import col, select
 
 from engine.artifacts import atomic_write, lora_short_hash, safetensors_header, sha256_file
 from engine.errors import InputError, NotFoundError
-from engine.generation.request import GenerateRequest
 from engine.model_manager.pipelines import lora_format
 from engine.paths import ModelRoots
 from engine.requests import CharacterSnapshot, NegativeTerm
@@ -41,8 +41,18 @@ from engine.store.database import (
     utcnow,
 )
 
-# Generation style keys a project or character may set; defaults come from GenerateRequest.
+# Generation style keys a project or character may set; their defaults and checks come from GenerateRequest,
+# handed in as StyleRules (engine.generation.request.GENERATION_STYLE): this room never imports generation.
 STYLE_KEYS = ("model", "sampler", "steps", "cfg_scale", "width", "height", "clip_skip", "engine")
+
+
+@dataclass(frozen=True)
+class StyleRules:
+    """What a project's or character's generation style is checked against."""
+
+    defaults: Mapping[str, Any]  # each of STYLE_KEYS -> the request's default
+    validate: Callable[..., Any]  # called with the style as keywords; InputError names field, value and range
+
 
 # Structured rejection reasons (key -> label) and the negative terms each teaches by default.
 REJECTION_REASONS: dict[str, str] = {
@@ -141,12 +151,15 @@ def dataset_dir(outputs_dir: Path, character_id: str) -> Path:
 class Characters:
     db: Database
     models_dir: Path
+    style_rules: StyleRules
 
     # projects ---------------------------------------------------------------------------------
     def create_project(self, name: str, style: dict | None = None, slug: str = "") -> Project:
         name = _clean(name, "project name", 120)
         project = Project(
-            name=name, slug=self._free_slug(Project, slug or name, "project"), style=check_style(style or {})
+            name=name,
+            slug=self._free_slug(Project, slug or name, "project"),
+            style=check_style(style or {}, self.style_rules),
         )
         with self.db.session() as s:
             s.add(project)
@@ -159,7 +172,7 @@ class Characters:
             if name is not None:
                 project.name = _clean(name, "project name", 120)
             if style is not None:
-                project.style = check_style(style)
+                project.style = check_style(style, self.style_rules)
             project.updated_at = utcnow()
             s.add(project)
             s.commit()
@@ -217,7 +230,7 @@ class Characters:
             elif key == "project":
                 character.project_id = self._get(s, Project, value, "project").id if value else None
             elif key == "style":
-                character.style = check_style(value or {})
+                character.style = check_style(value or {}, self.style_rules)
             elif key == "lora_weight":
                 weight = float(value)
                 if not -4 <= weight <= 4:
@@ -272,7 +285,7 @@ class Characters:
 
     def effective_style(self, character: Character) -> dict[str, dict[str, Any]]:
         """key -> {"value", "source"}: GenerateRequest's default, then the project's, then the character's."""
-        out = {k: {"value": GenerateRequest.model_fields[k].default, "source": "default"} for k in STYLE_KEYS}
+        out = {k: {"value": self.style_rules.defaults[k], "source": "default"} for k in STYLE_KEYS}
         if character.project_id:
             with self.db.session() as s:
                 project = s.get(Project, character.project_id)
@@ -520,15 +533,15 @@ class Characters:
         return slug
 
 
-def check_style(style: dict) -> dict:
-    """Only generation-style keys, each validated as GenerateRequest validates it."""
+def check_style(style: dict, rules: StyleRules) -> dict:
+    """Only generation-style keys, each validated as GenerateRequest validates it (`rules.validate`)."""
     style = {k: v for k, v in dict(style).items() if v not in (None, "")}
     unknown = set(style) - set(STYLE_KEYS)
     if unknown:
         raise InputError(
             f"style keys {', '.join(sorted(unknown))} are unknown; allowed: {', '.join(STYLE_KEYS)}"
         )
-    GenerateRequest.build(**style)  # names the bad field, value and range
+    rules.validate(**style)  # names the bad field, value and range
     return style
 
 

@@ -1,6 +1,6 @@
 """The Characters and Review tabs' engine side: what a character looks like to the UI, saving it with its
-reference images, and the checked requests of its dataset jobs (ingest, captions, reference sheets,
-re-rendering rejected images)."""
+reference images, and the checked requests of its dataset jobs (ingest, captions); the generations made for it (reference
+sheets, re-rendering rejected images) are engine.generation.character_jobs'."""
 
 from __future__ import annotations
 
@@ -12,14 +12,11 @@ from sqlmodel import select
 
 from engine.characters import captioning, ingest
 from engine.characters.captioning import VisionConfig
-from engine.characters.characters import Characters, compose_negative, merge_terms
+from engine.characters.characters import Characters
 from engine.characters.datasets import CaptionRequest, Datasets, IngestRequest
-from engine.characters.reference_sheet import ReferenceSheetRequest
 from engine.errors import InputError
-from engine.generation.submit import GenerationService
-from engine.jobs.service import JobService
 from engine.settings import Settings
-from engine.store.database import Asset, Database, Generation, LoraFile, Project
+from engine.store.database import Asset, Database, LoraFile, Project
 from engine.uploads import checked_upload, outputs_relative
 
 
@@ -45,7 +42,6 @@ class CharacterService:
     db: Database
     characters: Characters
     datasets: Datasets
-    generation: GenerationService
 
     def readiness(self, character_id: str) -> dict:
         return self.datasets.readiness(character_id, self.settings.min_approved_images)
@@ -196,85 +192,3 @@ class CharacterService:
             "suggested": match.slug if match else None,
             "current": next((c.slug for c in chars if c.id == item.character_id), None),
         }
-
-    def regenerate_rejected(self, jobs: JobService, character: str, owner: str = "anonymous") -> dict:
-        """Re-render the character's rejected generated images with its refined negatives (same recipe and
-        seed); the new images join the review queue."""
-        c = self.characters.get(character)
-        submitted, skipped = [], []
-        for item in self.datasets.rejected_generations(c.id):
-            with self.db.session() as s:
-                gen = s.get(Generation, item.generation_id)
-            recipe = (gen.recipe or {}) if gen else {}
-            if (
-                not gen
-                or recipe.get("mode") != "txt2img"
-                or "request" not in recipe
-                or recipe.get("ip_adapter")
-            ):
-                skipped.append(
-                    {
-                        "id": item.id,
-                        "reason": "only txt2img generations without an IP-Adapter image can "
-                        "be re-rendered from their recipe (source images are not kept)",
-                    }
-                )
-                continue
-            values = dict(
-                recipe["request"],
-                seed=gen.seed,
-                batch_size=1,
-                batch_count=1,
-                character=c.id,
-                dataset_review=True,
-            )
-            # the character's LoRA comes from its current snapshot, not from the old recipe
-            old_lora = ((recipe.get("character") or {}).get("lora") or {}).get("name")
-            values["loras"] = [x for x in values.get("loras") or [] if x.get("name") != old_lora]
-            try:
-                req = self.generation.build_generate_request(values)
-            except InputError as e:  # a model or LoRA of the recipe is gone: this item only
-                skipped.append({"id": item.id, "reason": str(e)})
-                continue
-
-            if merge_terms(compose_negative(req.character, req.negative_prompt)) == merge_terms(
-                gen.negative_prompt
-            ):
-                skipped.append(
-                    {
-                        "id": item.id,
-                        "reason": "its rejection taught no new negative terms (edit the "
-                        "mapping of its reasons), so a re-render would give the same picture",
-                    }
-                )
-                continue
-            jid, _ = jobs.submit(req.job_kind, req, owner=owner)
-            self.datasets.mark_regenerated(item.id, jid)
-            submitted.append({"item_id": item.id, "job_id": jid})
-        return {
-            "jobs": submitted,
-            "skipped": skipped,
-            "negative_prompt": ", ".join(t.term for t in self.characters.effective_negative(c)),
-        }
-
-    def reference_sheet_request(self, values: dict[str, Any]) -> ReferenceSheetRequest:
-        """values: character, views, expressions, seed, prompt, source_image (img2img), use_ip_adapter,
-        ip_adapter_scale, denoising_strength, add_to_dataset, plus any generation field; the character's
-        effective style fills what is not given."""
-        values = {k: v for k, v in values.items() if v is not None}
-        c = self.characters.get(values.get("character") or "")
-        sheet_keys = ("views", "expressions", "add_to_dataset")
-        sheet = {k: values.pop(k) for k in sheet_keys if k in values}
-        base = {k: v["value"] for k, v in self.characters.effective_style(c).items()}
-        base.update(values)
-        base["character"] = c.id
-        source = base.pop("source_image", None)
-        use_ip = bool(base.pop("use_ip_adapter", False))
-        if source and not use_ip:
-            base["init_image"] = source
-        elif source:
-            base["ip_adapter_image"] = source
-        elif use_ip:
-            raise InputError("use_ip_adapter needs a source_image")
-        req = self.generation.build_generate_request(base)
-        return ReferenceSheetRequest.build(base=req, **sheet)

@@ -24,8 +24,8 @@ from engine.comfyui.templates import bind, list_templates, user_templates_dir, v
 from engine.errors import InputError
 from engine.generation.generate import apply_styles, generate_images, save_generated
 from engine.generation.modes import open_image
-from engine.generation.prompts import extract_lora_tags
 from engine.generation.request import GenerateResult
+from engine.prompt_tags import extract_lora_tags
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,20 @@ user's own workflow added with its manifest."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
-from engine.comfyui.generate import pool_for, templates
+from engine.comfyui.generate import check_comfy_request, pool_for, templates
 from engine.comfyui.pool import server_models
 from engine.comfyui.templates import add_user_template, user_templates_dir
 from engine.errors import InputError
+from engine.generation.request import GenerateRequest
 from engine.settings import Settings
+
+
+def request_check(settings: Settings) -> Callable[[GenerateRequest], None]:
+    """The submit-time check of an engine='comfyui' request (servers, template, supported options), which the
+    facade hands to GenerationService: generation does not import this room (comfyui saves through it)."""
+    return lambda req: check_comfy_request(req, settings, settings.data_dir)
 
 
 def comfy_template_names(settings: Settings) -> list[str]:

@@ -24,7 +24,7 @@ def export_image(
         raise NotFoundError(f"generation {generation_id!r} has no image file any more")
     suffix = EXPORT_SUFFIXES.get(format)
     if suffix is None:
-        raise InputError(f"format={format!r}; allowed: png, jpeg, webp")
+        raise InputError(f"format={format!r}; allowed: {', '.join(EXPORT_SUFFIXES)}")
     target = outputs_dir / "exports" / f"{Path(d.image_path).stem}{suffix}"
     with Image.open(d.image_path) as img:
         save_image(

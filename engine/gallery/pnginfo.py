@@ -34,8 +34,8 @@ from typing import Any, Literal
 from engine.artifacts import atomic_write, save_png
 from engine.errors import InputError, NotFoundError
 from engine.gallery.infotext import build_infotext, parse_infotext
-from engine.generation.prompts import extract_lora_tags
 from engine.paths import MODEL_FOLDERS
+from engine.prompt_tags import extract_lora_tags
 from engine.requests import MAX_SEED
 from engine.samplers import SAMPLER_NAMES, SAMPLERS
 

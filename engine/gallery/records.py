@@ -20,7 +20,7 @@ from typing import Any
 
 from sqlalchemy import delete, func, or_, select, update
 
-from engine.artifacts import atomic_write_with
+from engine.artifacts import atomic_write_with, sha256_file
 from engine.errors import InputError, NotFoundError
 from engine.paths import within
 from engine.store.database import Asset, Database, Generation, GenerationLora, utcnow
@@ -221,6 +221,21 @@ def index_generation(session, generation: Generation) -> None:
     Generation, so both land in one transaction."""
     for name in lora_names(generation.loras):
         session.add(GenerationLora(generation_id=generation.id, name=name))
+
+
+def file_asset(path: Path, kind: str, width: int, height: int, job_id: str, **extra: Any) -> Asset:
+    """The Asset row of a file a job just wrote (not yet saved): its hash, size and pixel size."""
+    path = Path(path)
+    return Asset(
+        kind=kind,
+        path=str(path),
+        sha256=sha256_file(path),
+        size=path.stat().st_size,
+        width=width,
+        height=height,
+        job_id=job_id,
+        **extra,
+    )
 
 
 def add_generation(db: Database, asset: Asset, generation: Generation) -> None:

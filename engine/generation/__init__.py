@@ -7,4 +7,8 @@ JOB_KINDS = {
         "engine.generation.generate:run_generate_job", "engine.generation.request:GenerateRequest"
     ),
     "xyz_plot": JobKind("engine.generation.xyz:run_xyz_job", "engine.generation.xyz:XYZPlotRequest"),
+    "reference_sheet": JobKind(
+        "engine.generation.reference_sheet:run_reference_sheet_job",
+        "engine.generation.reference_sheet:ReferenceSheetRequest",
+    ),
 }

@@ -13,21 +13,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.artifacts import save_png, sha256_file
+from engine.artifacts import save_png
 from engine.characters.characters import compose_negative, compose_prompt
 from engine.errors import InputError
 from engine.gallery.infotext import build_infotext
 from engine.gallery.pnginfo import RECIPE_CHUNK
-from engine.gallery.records import add_generation, ensure_thumbnail
+from engine.gallery.records import add_generation, ensure_thumbnail, file_asset
 from engine.generation import modes
 from engine.generation.ip_adapter import attach_ip_adapter, detach_ip_adapter, find_ip_adapter
-from engine.generation.prompts import encode_prompts, extract_lora_tags, is_sdxl
+from engine.generation.prompts import encode_prompts, is_sdxl
 from engine.generation.request import GeneratedImage, GenerateRequest, GenerateResult
 from engine.generation.styles import StyleBook, apply_snapshots
 from engine.jobs.kinds import RunContext
 from engine.paths import MODEL_FOLDERS
+from engine.prompt_tags import extract_lora_tags
 from engine.samplers import SAMPLERS, make_scheduler
-from engine.store.database import Asset, Generation, utcnow
+from engine.store.database import Generation, utcnow
 
 
 @dataclass
@@ -443,15 +444,7 @@ def save_generated(
             **(extra_chunks or {}),
         },
     )
-    asset = Asset(
-        kind="image",
-        path=str(path),
-        sha256=sha256_file(path),
-        size=path.stat().st_size,
-        width=image.width,
-        height=image.height,
-        job_id=ctx.job_id,
-    )
+    asset = file_asset(path, "image", image.width, image.height, ctx.job_id)
     gen = Generation(
         asset_id=asset.id,
         job_id=ctx.job_id,

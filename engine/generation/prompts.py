@@ -4,7 +4,7 @@ What A1111/Forge users type works here:
 - `(word)` x1.1, `[word]` /1.1, `(word:1.3)` an explicit weight, nesting multiplies, `\\(` a literal bracket;
 - `BREAK` starts a new 75-token chunk;
 - prompts longer than 75 tokens are encoded in chunks and concatenated, never truncated;
-- `<lora:name:weight>` tags are taken out of the text and applied as LoRAs (see `extract_lora_tags`);
+- `<lora:name:weight>` tags are taken out of the text and applied as LoRAs (see `engine.prompt_tags.extract_lora_tags`);
 - clip skip in A1111's numbering (1 = last layer, 2 = penultimate).
 
 The bracket grammar is parsed by lark (the parsing library A1111 itself uses for its prompt
@@ -23,11 +23,10 @@ import re
 from dataclasses import dataclass
 
 from engine.errors import InputError
+from engine.prompt_tags import extract_lora_tags
 
 ATTENTION_UP = 1.1  # A1111: (word)
 BREAK_RE = re.compile(r"\s*\bBREAK\b\s*")
-# A1111's extra-network syntax: <kind:name[:weight[:...]]>
-EXTRA_NETWORK_RE = re.compile(r"<(\w+):([^>]+)>")
 
 GRAMMAR = r"""
 start: _item*
@@ -122,27 +121,6 @@ def parse_attention(text: str) -> list[Fragment]:
 def parse_prompt(text: str) -> list[list[Fragment]]:
     """Prompt -> BREAK-separated segments of weighted fragments."""
     return [parse_attention(part) for part in BREAK_RE.split(text or "")]
-
-
-def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
-    """`<lora:name:weight>` tags -> (prompt without them, [(name, weight)]). Other extra-network tags
-    (`<hypernet:...>`) are not supported and are named in the error."""
-    tags: list[tuple[str, float]] = []
-
-    def take(m: re.Match) -> str:
-        kind, args = m[1], m[2].split(":")
-        if kind.lower() not in ("lora", "lyco"):
-            raise InputError(f"prompt tag <{kind}:{m[2]}> is not supported; only <lora:name:weight> is")
-        name = args[0].strip()
-        try:
-            weight = float(args[1]) if len(args) > 1 and args[1].strip() else 1.0
-        except ValueError:
-            raise InputError(f"<lora:{m[2]}>: weight {args[1]!r} is not a number") from None
-        tags.append((name, weight))
-        return ""
-
-    cleaned = EXTRA_NETWORK_RE.sub(take, prompt or "")
-    return re.sub(r"\s+,", ",", re.sub(r"[ \t]{2,}", " ", cleaned)).strip(), tags
 
 
 def final_layer_norm(text_encoder):

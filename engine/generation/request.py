@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from engine.characters.characters import STYLE_KEYS, StyleRules
 from engine.generation.styles import StyleSnapshot
 from engine.requests import MAX_SEED, CharacterSnapshot, LoraSpec, RequestBase, parse_loras
 from engine.samplers import SAMPLER_NAMES
@@ -224,6 +225,12 @@ class GeneratedImage(BaseModel):
     infotext: str
     asset_id: str
     generation_id: str
+
+
+# what a project's or character's generation style may hold, checked as a request checks it (for Characters)
+GENERATION_STYLE = StyleRules(
+    defaults={k: GenerateRequest.model_fields[k].default for k in STYLE_KEYS}, validate=GenerateRequest.build
+)
 
 
 class GenerateResult(BaseModel):

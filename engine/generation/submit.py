@@ -4,19 +4,19 @@ IP-Adapter, style and hires upscaler resolved now rather than when the job runs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from engine.characters.characters import STYLE_KEYS, Characters
-from engine.comfyui.generate import check_comfy_request
 from engine.errors import InputError, NotFoundError
 from engine.generation.ip_adapter import find_ip_adapter
-from engine.generation.prompts import extract_lora_tags
 from engine.generation.request import GenerateRequest
 from engine.generation.styles import StyleBook, resolve_styles
 from engine.generation.xyz import XYZPlotRequest, parse_values
 from engine.model_manager.inventory import ModelInventory
 from engine.model_manager.pipelines import lora_format
+from engine.prompt_tags import extract_lora_tags
 from engine.requests import LoraSpec, parse_loras, resolve_seed
 from engine.settings import Settings
 from engine.uploads import checked_upload
@@ -25,7 +25,7 @@ UPLOAD_FIELDS = ("init_image", "mask_image", "control_image", "ip_adapter_image"
 
 
 def style_book(settings: Settings) -> StyleBook:
-    return StyleBook(settings.data_dir / "styles.csv")
+    return StyleBook(settings.styles_path)
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,9 @@ class GenerationService:
     settings: Settings
     models: ModelInventory
     characters: Characters
+    # the submit-time check of an engine='comfyui' request, supplied by the facade from engine.comfyui (which
+    # saves through this room, so this room never imports it); None: such requests are refused
+    remote_check: Callable[[GenerateRequest], None] | None = None
 
     def build_generate_request(self, values: dict[str, Any]) -> GenerateRequest:
         """Validate form/API values into a request with a real seed and a checked model."""
@@ -63,7 +66,11 @@ class GenerationService:
             values["loras"] = [{"name": n, "weight": w} for n, w in merged.items()]
         req = GenerateRequest.build(**values)
         if comfy:
-            check_comfy_request(req, self.settings, self.settings.data_dir)
+            if self.remote_check is None:
+                raise InputError(
+                    "engine='comfyui' is not available: this generation service has no ComfyUI check"
+                )
+            self.remote_check(req)
             return self.resolve_styles(req)
         roots = self.models.roots
         models = roots.list_models()

@@ -16,12 +16,13 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.artifacts import save_png, sha256_file
+from engine.artifacts import save_png
 from engine.errors import InputError
+from engine.gallery.records import file_asset
 from engine.generation.generate import generate_images
 from engine.generation.request import GenerateRequest
 from engine.requests import RequestBase
-from engine.store.database import Asset, utcnow
+from engine.store.database import utcnow
 
 
 @dataclass(frozen=True)
@@ -236,15 +237,7 @@ def run_xyz_job(req: XYZPlotRequest, ctx) -> dict:
         }
         path = ctx.outputs / utcnow().strftime("%Y-%m-%d") / f"{ctx.job_id[:12]}-grid-{zi:02d}.png"
         save_png(grid, path, {"studionova": json.dumps(recipe, ensure_ascii=False, default=str)})
-        asset = Asset(
-            kind="grid",
-            path=str(path),
-            sha256=sha256_file(path),
-            size=path.stat().st_size,
-            width=grid.width,
-            height=grid.height,
-            job_id=ctx.job_id,
-        )
+        asset = file_asset(path, "grid", grid.width, grid.height, ctx.job_id)
         with rt.db.session() as s:
             s.add(asset)
             s.commit()

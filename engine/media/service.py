@@ -14,7 +14,7 @@ from typing import Any
 from engine.errors import InputError, NotFoundError
 from engine.jobs.service import JobService
 from engine.media.library import Library, public_item
-from engine.media.tts import SpeechRequest, list_voices, speak
+from engine.media.tts import SpeechRequest, speak
 from engine.media.variants import (
     Assignment,
     CleanupRequest,
@@ -67,10 +67,6 @@ def speak_to_library(
         "sample_rate": result.sample_rate,
         "speech_seconds": round(result.duration, 3),
     }
-
-
-def voices() -> list[str]:
-    return sorted({v.name for v in list_voices()} | {"en", "en-us"})
 
 
 def motion_clip_request(values: dict[str, Any], library: Library) -> MotionClipRequest:

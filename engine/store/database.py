@@ -390,7 +390,7 @@ class Database:
                     for index in table.indexes:
                         index.create(conn)
                     conn.execute(_sampling_zeros_to_null())
-                    if conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    if conn.exec_driver_sql("PRAGMA foreign_key_check(generationlora)").first() is not None:
                         raise RuntimeError("generation table migration broke a foreign key; rolled back")
             finally:
                 raw.execute("PRAGMA foreign_keys=ON")

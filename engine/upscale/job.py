@@ -16,11 +16,12 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.artifacts import save_png, sha256_file
+from engine.artifacts import save_png
 from engine.errors import InputError, NotFoundError
 from engine.gallery.pnginfo import PARAMETERS_CHUNK, RECIPE_CHUNK, read_image_metadata, recipe_of
-from engine.gallery.records import add_generation, ensure_thumbnail, thumbnail_path
+from engine.gallery.records import add_generation, ensure_thumbnail, file_asset, thumbnail_path
 from engine.jobs.kinds import RunContext
+from engine.media.clips import read_metadata, video_thumbnail
 from engine.media.ffmpeg import VIDEO_SUFFIXES, probe, tag_video
 from engine.requests import MAX_SEED, RequestBase
 from engine.store.database import Asset, Generation, utcnow
@@ -33,7 +34,6 @@ from engine.upscale.upscalers import (
     upscale_image,
     upscale_video,
 )
-from engine.video.generate import read_metadata, video_thumbnail
 
 SD_X4_PREFIX = "SD x4: "
 SD_X4_CLASS = "StableDiffusionUpscalePipeline"
@@ -328,15 +328,7 @@ def _save_image(ctx: RunContext, up: _Upscaler, src: dict, result, n: int) -> di
     day = utcnow().strftime("%Y-%m-%d")
     path = ctx.outputs / day / f"{ctx.job_id[:12]}-{n:03d}-upscaled.png"
     save_png(image, path, chunks, icc_profile=icc)
-    asset = Asset(
-        kind="image",
-        path=str(path),
-        sha256=sha256_file(path),
-        size=path.stat().st_size,
-        width=image.width,
-        height=image.height,
-        job_id=ctx.job_id,
-    )
+    asset = file_asset(path, "image", image.width, image.height, ctx.job_id)
     row = _generation_row(asset, ctx, gen, recipe, parameters, image.width, image.height, up.name)
     ensure_thumbnail(path)
     add_generation(rt.db, asset, row)
@@ -476,15 +468,7 @@ def _upscale_video(ctx: RunContext, up: _Upscaler, src: dict, n: int, part: RunC
         }
         recipe = {**recipe, "postprocess": [*recipe.get("postprocess", []), step]}
         tag_video(out, {"comment": json.dumps(recipe, ensure_ascii=False)}, cancelled=ctx.is_cancelled)
-        asset = Asset(
-            kind="video",
-            path=str(out),
-            sha256=sha256_file(out),
-            size=out.stat().st_size,
-            width=result.width,
-            height=result.height,
-            job_id=ctx.job_id,
-        )
+        asset = file_asset(out, "video", result.width, result.height, ctx.job_id)
         row = _generation_row(
             asset, ctx, gen, recipe, (gen or {}).get("infotext", ""), result.width, result.height, up.name
         )

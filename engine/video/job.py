@@ -20,12 +20,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from engine.artifacts import TMP_PREFIX, sha256_file
+from engine.artifacts import TMP_PREFIX
 from engine.errors import InputError, NotFoundError
-from engine.gallery.records import add_generation, thumbnail_path
+from engine.gallery.records import add_generation, file_asset, thumbnail_path
 from engine.generation.generate import generate_images
 from engine.generation.request import GenerateRequest
 from engine.jobs.kinds import RunContext
+from engine.media.clips import interpolate_fps, video_thumbnail, write_mp4
 from engine.media.ffmpeg import probe, tag_video
 from engine.media.motion import MotionSpec, render_motion
 from engine.requests import MAX_SEED, LoraSpec, RequestBase, parse_loras
@@ -34,11 +35,8 @@ from engine.video.generate import (
     VIDEO_FAMILIES,
     VideoSpec,
     check_video_spec,
-    interpolate_fps,
     list_video_models,
     render_video,
-    video_thumbnail,
-    write_mp4,
 )
 
 VIDEO_MODES = ("img2video", "txt2video", "camera")
@@ -367,15 +365,7 @@ def run_video_job(req: VideoRequest, ctx: RunContext) -> dict:
     try:
         info = probe(out)
         video_thumbnail(out, thumb)
-        asset = Asset(
-            kind="video",
-            path=str(out),
-            sha256=sha256_file(out),
-            size=out.stat().st_size,
-            width=info.width,
-            height=info.height,
-            job_id=ctx.job_id,
-        )
+        asset = file_asset(out, "video", info.width, info.height, ctx.job_id)
         prompt = req.prompt or (req.first_frame.prompt if req.first_frame else "")
         gen = Generation(
             asset_id=asset.id,

@@ -13,12 +13,13 @@ import json
 
 from pydantic import Field, field_validator, model_validator
 
-from engine.artifacts import save_png, sha256_file
+from engine.artifacts import save_png
 from engine.characters.sheets import SHEET_EXPRESSIONS, SHEET_VIEWS, compose_sheet
+from engine.gallery.records import file_asset
 from engine.generation.generate import generate_images
 from engine.generation.request import GenerateRequest
 from engine.requests import RequestBase
-from engine.store.database import Asset, utcnow
+from engine.store.database import utcnow
 
 
 class ReferenceSheetRequest(RequestBase):
@@ -98,16 +99,7 @@ def run_reference_sheet_job(req: ReferenceSheetRequest, ctx) -> dict:
     }
     path = ctx.outputs / utcnow().strftime("%Y-%m-%d") / f"{ctx.job_id[:12]}-sheet-{character.slug}.png"
     save_png(sheet, path, {"studionova": json.dumps(recipe, ensure_ascii=False, default=str)})
-    asset = Asset(
-        kind="sheet",
-        path=str(path),
-        sha256=sha256_file(path),
-        size=path.stat().st_size,
-        width=sheet.width,
-        height=sheet.height,
-        job_id=ctx.job_id,
-        character_id=character.id,
-    )
+    asset = file_asset(path, "sheet", sheet.width, sheet.height, ctx.job_id, character_id=character.id)
     with rt.db.session() as s:
         s.add(asset)
         s.commit()
